@@ -1,0 +1,166 @@
+"""Wires the stages together; the only place that knows their order.
+
+Sinks start first and sources stop first: the store and its writer come up
+before anything can produce writes, and on shutdown the gRPC server stops
+taking batches, in-flight batches are committed and acked, and only then is
+the writer drained and the store closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+import grpc
+from atlas_sidecar_client.pb import (
+    active_learning_pb2,
+    admin_pb2,
+    admin_pb2_grpc,
+    control_pb2,
+    ingest_pb2,
+    ingest_pb2_grpc,
+)
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
+from sidecar.config import SidecarConfig
+from sidecar.errors import PortInUseError
+from sidecar.ingest import IngestServicer
+from sidecar.store import Retention, Store, StoreWriter
+from sidecar.web import WebServer
+
+__all__ = ["SidecarApp", "Stage"]
+
+log = logging.getLogger(__name__)
+
+_SERVICE_NAMES = (
+    ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+    active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"].full_name,
+)
+
+
+class Stage(Protocol):
+    """What app.py needs of a stage: start and an idempotent shutdown."""
+
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...
+
+
+class SidecarApp:
+    """The daemon. ``start()`` binds every port or raises; ``shutdown()`` is idempotent."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.store = Store(config.store)
+        self.writer = StoreWriter(self.store, config.store)
+        self.retention = Retention(self.store, self.writer, config.store)
+        self.ingest = IngestServicer(self.writer, config.ingest, config.server)
+        self.handlers = AdminHandlers()
+        self.admin = AdminServicer(self.store, self.writer, self.handlers, ingest=self.ingest)
+        self.health = health.aio.HealthServicer()
+        # Stages started after the writer and before the servers, stopped in
+        # reverse order after the servers.
+        self.stages: list[Stage] = []
+        self.server: grpc.aio.Server | None = None
+        self.web: WebServer | None = None
+        self.ports: dict[str, int] = {}
+        self._stopped = asyncio.Event()
+        self._started = False
+        self._shutdown_done = False
+
+    def status_dict(self) -> dict[str, Any]:
+        return status_to_dict(self.admin.status())
+
+    async def start(self) -> None:
+        """Opens the store and binds every listener.
+
+        Raises:
+            DataDirLockedError, SchemaVersionError, StoreError: the store.
+            PortInUseError: a listen address could not be bound.
+        """
+        cfg = self.config
+        self.store.open()
+        try:
+            await self.writer.start()
+            await self.retention.start()
+            for stage in self.stages:
+                await stage.start()
+            await self._start_grpc()
+            if cfg.server.http_listen:
+                self.web = WebServer(cfg.server.http_listen, self.status_dict)
+                await self.web.start()
+                self.ports["http"] = self.web.port or 0
+        except BaseException:
+            await self.shutdown()
+            raise
+        self._started = True
+        log.info(
+            "atlas-sidecar serving",
+            extra={"listen": cfg.server.listen, "http": cfg.server.http_listen,
+                   "data_dir": str(self.store.data_dir)},
+        )
+
+    async def _start_grpc(self) -> None:
+        cfg = self.config.server
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ],
+        )
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.ingest, server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*_SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        self.server = server
+        for addr in cfg.listen:
+            try:
+                port = server.add_insecure_port(addr)
+            except RuntimeError as exc:
+                raise PortInUseError(f"cannot listen on {addr} (server.listen): {exc}") from exc
+            if port == 0 and not addr.startswith("unix:"):
+                raise PortInUseError(f"cannot listen on {addr} (server.listen): address in use")
+            self.ports[addr] = port
+        await server.start()
+        for name in ("", *_SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING, stop reading, commit and ack in-flight batches, close.
+
+        Safe before start and safe twice.
+        """
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        grace = self.config.server.grace_seconds
+        await self.health.enter_graceful_shutdown()
+        self.ingest.drain()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.web is not None:
+            await self.web.shutdown()
+        for stage in reversed(self.stages):
+            try:
+                await stage.shutdown()
+            except Exception:
+                log.exception("stage shutdown failed")
+        await self.retention.shutdown()
+        await self.writer.shutdown()
+        self.store.close()
+        self._stopped.set()

@@ -1,0 +1,200 @@
+"""atlas-sidecar: the command line.
+
+    atlas-sidecar serve [--config FILE] [--listen ADDR] [--http-listen ADDR] [--data-dir DIR]
+    atlas-sidecar status [--target ADDR] [--json]
+    atlas-sidecar validate-config FILE
+    atlas-sidecar demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sidecar import __version__
+from sidecar.errors import ConfigError, SidecarError
+
+__all__ = ["main"]
+
+EPILOG = """\
+configuration precedence: defaults < --config FILE < ATLAS_SIDECAR__SECTION__KEY env < flags
+  e.g. ATLAS_SIDECAR__STORE__COMMIT_WINDOW_MS=1 atlas-sidecar serve --data-dir /var/lib/atlas
+see config.example.yaml for every key with its default and what it trades off
+"""
+
+#: Subcommands registered by later stages (rollout, export, ...): name -> (setup, run).
+EXTRA_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="atlas-sidecar",
+        description="A continuous-learning sidecar for inference servers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"atlas-sidecar {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the daemon: gRPC ingest/control/admin plus HTTP /metrics and /dashboard.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--config", metavar="FILE", help="YAML config file")
+    s.add_argument(
+        "--listen",
+        metavar="ADDR",
+        action="append",
+        help="gRPC address, host:port or unix:/path (repeatable; default 127.0.0.1:50051)",
+    )
+    s.add_argument("--http-listen", metavar="ADDR", help="HTTP address ('' disables; default 127.0.0.1:9464)")
+    s.add_argument("--data-dir", metavar="DIR", help="data directory (default ./var/atlas-sidecar)")
+    s.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    s.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON")
+
+    st = sub.add_parser("status", help="show a running daemon's status")
+    st.add_argument("--target", default="127.0.0.1:50051", metavar="ADDR", help="gRPC address of the daemon")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+
+    v = sub.add_parser("validate-config", help="check a config file; exit non-zero naming the bad key")
+    v.add_argument("file", metavar="FILE")
+
+    d = sub.add_parser("demo", help="run the whole loop on this machine")
+    d.add_argument("--data-dir", default=None, metavar="DIR", help="where the demo keeps its data")
+    d.add_argument("--events", type=int, default=20000, help="events to stream (default 20000)")
+
+    for name, (setup, _run) in EXTRA_COMMANDS.items():
+        setup(sub.add_parser(name))
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sidecar.config import load_config
+    from sidecar.telemetry import configure_logging
+
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides.setdefault("server", {})["listen"] = args.listen
+    if args.http_listen is not None:
+        overrides.setdefault("server", {})["http_listen"] = args.http_listen
+    if args.data_dir:
+        overrides.setdefault("store", {})["data_dir"] = args.data_dir
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"atlas-sidecar: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, json_logs=not args.plain_logs)
+    return _run_daemon(config)
+
+
+def _run_daemon(config: Any) -> int:
+    import uvloop
+
+    from sidecar.app import SidecarApp
+
+    async def run() -> int:
+        app = SidecarApp(config)
+        try:
+            await app.start()
+        except SidecarError as exc:
+            print(f"atlas-sidecar: {exc}", file=sys.stderr)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, app.request_stop)
+        ready = {"event": "ready", "ports": app.ports, "data_dir": str(app.store.data_dir)}
+        print(json.dumps(ready), flush=True)
+        await app.wait()
+        await app.shutdown()
+        return 0
+
+    return int(uvloop.run(run()))
+
+
+def _status(args: argparse.Namespace) -> int:
+    import grpc
+    from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
+
+    from sidecar.admin import status_to_dict
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        try:
+            status = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(
+                f"atlas-sidecar: cannot reach the daemon at {args.target}: "
+                f"{exc.code().name}: {exc.details()}",
+                file=sys.stderr,
+            )
+            return 1
+    doc = status_to_dict(status)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    ev, store = doc["events"], doc["store"]
+    rows = [
+        ("version", doc["version"]),
+        ("uptime", f"{doc['uptime_seconds']:.1f} s"),
+        ("events accepted", f"{ev['accepted']:,}"),
+        ("events duplicate", f"{ev['duplicates']:,}"),
+        ("events rejected", f"{ev['rejected']:,}"),
+        ("log", f"{store['log_events']:,} events (seq {store['first_seq']}..{store['last_seq']})"),
+        ("disk used", f"{store['used_bytes'] / 1e6:.1f} MB of map {store['map_size_bytes'] / 1e9:.1f} GB"),
+        ("disk free", f"{store['disk_free_bytes'] / 1e9:.1f} GB"),
+        ("data dir", store["data_dir"]),
+        ("open streams", str(doc["open_streams"])),
+        ("connected servers", str(doc["connected_servers"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    for stage, detail in sorted(doc["details"].items()):
+        print(f"{stage}:")
+        for key, value in sorted(detail.items()):
+            print(f"  {key}: {value}")
+    return 0
+
+
+def _validate_config(args: argparse.Namespace) -> int:
+    from sidecar.config import load_config
+
+    try:
+        load_config(args.file, environ={})
+    except ConfigError as exc:
+        print(f"atlas-sidecar: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    return run_demo(data_dir=args.data_dir, events=args.events)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": _serve,
+        "status": _status,
+        "validate-config": _validate_config,
+        "demo": _demo,
+    }
+    commands.update({name: run for name, (_setup, run) in EXTRA_COMMANDS.items()})
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

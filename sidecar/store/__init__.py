@@ -1,0 +1,34 @@
+"""Durable storage: one LMDB environment, one writer thread, retention."""
+
+from sidecar.store._codec import (
+    decode_id_value,
+    decode_log_value,
+    decode_u64,
+    encode_id_value,
+    encode_log_value,
+    encode_u64,
+    seq_key,
+)
+from sidecar.store._env import DB_NAMES, SCHEMA_VERSION, Store
+from sidecar.store._retention import CURSOR_PREFIX, Retention, TrimResult, trim
+from sidecar.store._writer import IngestResult, StoreWriter, WriterStats
+
+__all__ = [
+    "CURSOR_PREFIX",
+    "DB_NAMES",
+    "SCHEMA_VERSION",
+    "IngestResult",
+    "Retention",
+    "Store",
+    "StoreWriter",
+    "TrimResult",
+    "WriterStats",
+    "decode_id_value",
+    "decode_log_value",
+    "decode_u64",
+    "encode_id_value",
+    "encode_log_value",
+    "encode_u64",
+    "seq_key",
+    "trim",
+]

@@ -1,0 +1,253 @@
+"""The LMDB environment: one per data dir, named databases, schema version."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from sidecar.config import StoreConfig
+from sidecar.errors import DataDirLockedError, SchemaVersionError, StoreError
+from sidecar.store._codec import decode_u64, encode_u64
+
+__all__ = ["DB_NAMES", "SCHEMA_VERSION", "Store"]
+
+#: Bumped when a stored layout changes incompatibly. A data dir with a newer
+#: version is refused; an older one would be migrated here.
+SCHEMA_VERSION = 1
+
+#: Every named database of DESIGN.md section 4, created at open (empty until
+#: the stage that owns it writes). ``dead_letters`` holds events a processor
+#: could not handle, with the reason.
+DB_NAMES: tuple[str, ...] = (
+    "events",
+    "event_ids",
+    "requests",
+    "samples",
+    "pairs",
+    "priority",
+    "memory",
+    "holdout",
+    "models",
+    "rollouts",
+    "directives",
+    "dead_letters",
+    "meta",
+)
+
+_SCHEMA_KEY = b"schema_version"
+
+
+class _SharedExclusiveLock:
+    """Many readers or one exclusive holder (map resizing).
+
+    ``set_mapsize`` is only safe while no transaction is open in the process,
+    so readers take the shared side and the resize takes the exclusive side.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class Store:
+    """Owns the LMDB environment of one data dir.
+
+    Only the :class:`~sidecar.store.StoreWriter` thread writes; any thread may
+    read through :meth:`read`. The data dir is locked (``flock``) for the life
+    of the process, so a second sidecar on the same dir is refused.
+    """
+
+    def __init__(self, config: StoreConfig) -> None:
+        self._config = config
+        self._env: lmdb.Environment | None = None
+        self._dbs: dict[str, Any] = {}
+        self._lock_fd: int | None = None
+        self._resize = _SharedExclusiveLock()
+        self.data_dir = Path(config.data_dir)
+
+    # -- lifecycle -------------------------------------------------------
+
+    def open(self) -> None:
+        """Locks the data dir, opens the environment, checks the schema.
+
+        Raises:
+            DataDirLockedError: another process holds the data dir.
+            SchemaVersionError: the data was written by a newer schema.
+            StoreError: the environment cannot be opened.
+        """
+        if self._env is not None:
+            return
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create data dir {self.data_dir}: {exc.strerror}") from exc
+        self._lock_data_dir()
+        try:
+            self._env = lmdb.open(
+                str(self.data_dir / "lmdb"),
+                map_size=self._config.map_size_bytes,
+                max_dbs=len(DB_NAMES) + 8,
+                max_readers=512,
+                sync=self._config.sync,
+                metasync=self._config.sync,
+                writemap=False,
+                readahead=False,
+                subdir=True,
+            )
+            self._env.reader_check()
+            with self._env.begin(write=True) as txn:
+                for name in DB_NAMES:
+                    self._dbs[name] = self._env.open_db(name.encode(), txn=txn)
+                self._check_schema(txn)
+        except lmdb.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open store in {self.data_dir}: {exc}") from exc
+        except SchemaVersionError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Closes the environment and releases the data dir. Safe to call twice."""
+        if self._env is not None:
+            with self._resize.exclusive():
+                self._env.close()
+            self._env = None
+            self._dbs.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock_data_dir(self) -> None:
+        path = self.data_dir / "LOCK"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = path.read_text().strip() or "another process"
+                raise DataDirLockedError(
+                    f"data dir {self.data_dir} is held by another sidecar (pid {holder})"
+                ) from exc
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _check_schema(self, txn: lmdb.Transaction) -> None:
+        meta = self._dbs["meta"]
+        raw = txn.get(_SCHEMA_KEY, db=meta)
+        if raw is None:
+            txn.put(_SCHEMA_KEY, encode_u64(SCHEMA_VERSION), db=meta)
+            return
+        found = decode_u64(raw)
+        if found > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"data dir {self.data_dir} has schema version {found}, newer than this "
+                f"atlas-sidecar supports ({SCHEMA_VERSION}); upgrade atlas-sidecar or "
+                "point --data-dir elsewhere"
+            )
+
+    # -- access ----------------------------------------------------------
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._env is None:
+            raise StoreError("store is not open")
+        return self._env
+
+    def db(self, name: str) -> Any:
+        """The handle of a named database (see :data:`DB_NAMES`)."""
+        try:
+            return self._dbs[name]
+        except KeyError:
+            raise StoreError(f"unknown database {name!r} (store open: {self._env is not None})") from None
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A short read transaction. Keep it short: long readers stop page reuse."""
+        with self._resize.shared(), self.env.begin(buffers=False) as txn:
+            yield txn
+
+    @contextlib.contextmanager
+    def write_txn(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction; only the writer thread may call this."""
+        with self._resize.shared(), self.env.begin(write=True) as txn:
+            yield txn
+
+    @property
+    def schema_version(self) -> int:
+        with self.read() as txn:
+            raw = txn.get(_SCHEMA_KEY, db=self._dbs["meta"])
+        return decode_u64(raw) if raw else 0
+
+    def grow(self) -> bool:
+        """Doubles the map size, up to the configured maximum and the free disk.
+
+        Returns False when it cannot grow. Must be called with no transaction
+        open on the calling thread (the writer calls it between commits).
+        """
+        env = self.env
+        current = int(env.info()["map_size"])
+        limit = self._config.map_size_max_bytes
+        if current >= limit:
+            return False
+        new = min(current * 2, limit)
+        with self._resize.exclusive():
+            env.set_mapsize(new)
+        return True
+
+    def stats(self) -> dict[str, int]:
+        """Sizes for status: entries in the log, bytes used, map size, free disk."""
+        env = self.env
+        info = env.info()
+        stat = env.stat()
+        with self.read() as txn:
+            log = txn.stat(self._dbs["events"])
+        used = (int(info["last_pgno"]) + 1) * int(stat["psize"])
+        free = shutil.disk_usage(self.data_dir).free
+        return {
+            "log_events": int(log["entries"]),
+            "used_bytes": used,
+            "map_size_bytes": int(info["map_size"]),
+            "disk_free_bytes": int(free),
+        }

@@ -1,0 +1,337 @@
+"""The writer thread: the only owner of LMDB write transactions.
+
+Work arrives as jobs (ingest batches, or functions of a transaction from
+other stages). The thread takes every queued job, up to a size, into one
+transaction (group commit), commits it with fsync, and only then resolves the
+jobs' futures: a future that resolves means the data is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import lmdb
+
+from sidecar.config import StoreConfig
+from sidecar.errors import StoreError, StoreFullError
+from sidecar.store._codec import decode_u64, encode_id_value, encode_log_value, encode_u64
+from sidecar.store._env import Store
+
+__all__ = ["IngestResult", "StoreWriter", "WriterStats"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+COUNTER_ACCEPTED = b"counter/events_accepted"
+COUNTER_DUPLICATES = b"counter/events_duplicates"
+COUNTER_REJECTED = b"counter/events_rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What one ingest batch did, once durable."""
+
+    accepted: int
+    duplicates: int
+    first_seq: int
+    last_seq: int
+
+
+@dataclass(slots=True)
+class WriterStats:
+    commits: int = 0
+    events: int = 0
+    last_commit_seconds: float = 0.0
+    failed_commits: int = 0
+    map_grows: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _IngestJob:
+    items: Sequence[tuple[bytes, bytes]]
+    rejected: int
+    future: concurrent.futures.Future[IngestResult]
+
+    @property
+    def weight(self) -> int:
+        return max(1, len(self.items))
+
+
+@dataclass(slots=True)
+class _FnJob:
+    fn: Callable[[lmdb.Transaction], Any]
+    future: concurrent.futures.Future[Any]
+    weight: int = 1
+
+
+_Job = _IngestJob | _FnJob
+
+
+class StoreWriter:
+    """Serializes every write of the process through one thread.
+
+    ``submit_events`` and ``submit`` never block the caller; await the result
+    (``asyncio``) or call ``.result()`` (threads). Results resolve only after
+    the transaction holding them is committed. A job that fails (disk full, a
+    map that cannot grow) fails alone with :class:`StoreFullError`; nothing of
+    it is written.
+    """
+
+    def __init__(self, store: Store, config: StoreConfig) -> None:
+        self._store = store
+        self._config = config
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._next_seq = 1
+        self._listeners: list[Callable[[int], None]] = []
+        self._stopping = False
+        self.stats = WriterStats()
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        with self._store.read() as txn:
+            cur = txn.cursor(db=self._store.db("events"))
+            self._next_seq = decode_u64(cur.key()) + 1 if cur.last() else 1
+            meta = self._store.db("meta")
+            for name, key in (
+                ("accepted", COUNTER_ACCEPTED),
+                ("duplicates", COUNTER_DUPLICATES),
+                ("rejected", COUNTER_REJECTED),
+            ):
+                raw = txn.get(key, db=meta)
+                self.stats.counters[name] = decode_u64(raw) if raw else 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Commits everything queued so far, then stops. Safe before start and twice."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        self._thread = None
+
+    @property
+    def next_seq(self) -> int:
+        """Sequence number the next stored event will get."""
+        return self._next_seq
+
+    def add_commit_listener(self, listener: Callable[[int], None]) -> None:
+        """Calls ``listener(last_seq)`` on the writer thread after each commit that
+        stored events. It must be quick and must not raise (use
+        ``loop.call_soon_threadsafe`` to hand over to asyncio)."""
+        self._listeners.append(listener)
+
+    # -- submission ------------------------------------------------------
+
+    def submit_events(
+        self, items: Sequence[tuple[bytes, bytes]], rejected: int = 0
+    ) -> concurrent.futures.Future[IngestResult]:
+        """Queues (event_id, serialized Event) pairs for dedupe and append."""
+        fut: concurrent.futures.Future[IngestResult] = concurrent.futures.Future()
+        self._put(_IngestJob(items, rejected, fut))
+        return fut
+
+    def submit(self, fn: Callable[[lmdb.Transaction], T]) -> concurrent.futures.Future[T]:
+        """Runs ``fn(txn)`` on the writer thread in a nested transaction.
+
+        If ``fn`` raises, only its own changes are discarded and the future
+        carries the exception; other jobs in the same group commit are kept.
+        """
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._put(_FnJob(fn, fut))
+        return fut
+
+    async def run(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """``submit`` for asyncio callers."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def _put(self, job: _Job) -> None:
+        if self._thread is None or self._stopping:
+            job.future.set_exception(StoreError("store writer is not running"))
+            return
+        self._queue.put(job)
+
+    # -- the thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        max_events = self._config.commit_max_events
+        window = self._config.commit_window_ms / 1000.0
+        carry: _Job | None = None
+        stop = False
+        while not stop:
+            job = carry if carry is not None else self._queue.get()
+            carry = None
+            if job is None:
+                break
+            jobs: list[_Job] = [job]
+            weight = job.weight
+            deadline = time.monotonic() + window
+            while weight < max_events:
+                try:
+                    remaining = deadline - time.monotonic()
+                    nxt = (
+                        self._queue.get(timeout=remaining)
+                        if remaining > 0
+                        else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                if weight + nxt.weight > max_events and weight > 0:
+                    carry = nxt
+                    break
+                jobs.append(nxt)
+                weight += nxt.weight
+            self._commit(jobs)
+        # Drain whatever was queued before the stop marker.
+        leftover: list[_Job] = []
+        if carry is not None:
+            leftover.append(carry)
+        while True:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is not None:
+                leftover.append(nxt)
+        if leftover:
+            self._commit(leftover)
+
+    def _commit(self, jobs: list[_Job]) -> None:
+        started = time.perf_counter()
+        while True:
+            try:
+                results, next_seq, counts = self._apply(jobs)
+                break
+            except lmdb.MapFullError:
+                if self._store.grow():
+                    self.stats.map_grows += 1
+                    continue
+                self._fail(
+                    jobs,
+                    StoreFullError(
+                        "store map is full and cannot grow past "
+                        f"store.map_size_max_bytes={self._config.map_size_max_bytes}"
+                    ),
+                )
+                return
+            except lmdb.Error as exc:
+                self._fail(jobs, _translate(exc))
+                return
+            except Exception as exc:  # a bug: fail the jobs, keep the thread alive
+                log.exception("store writer: unexpected error")
+                self._fail(jobs, StoreError(f"store write failed: {exc}"))
+                return
+        stored = next_seq - self._next_seq
+        self._next_seq = next_seq
+        st = self.stats
+        st.commits += 1
+        st.events += stored
+        st.last_commit_seconds = time.perf_counter() - started
+        for name, value in counts.items():
+            st.counters[name] = st.counters.get(name, 0) + value
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+        if stored:
+            for listener in self._listeners:
+                try:
+                    listener(next_seq - 1)
+                except Exception:
+                    log.exception("store writer: commit listener failed")
+
+    def _fail(self, jobs: list[_Job], exc: Exception) -> None:
+        self.stats.failed_commits += 1
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
+
+    def _apply(self, jobs: list[_Job]) -> tuple[list[Any], int, dict[str, int]]:
+        store = self._store
+        events_db = store.db("events")
+        ids_db = store.db("event_ids")
+        meta = store.db("meta")
+        seq = self._next_seq
+        now_ms = time.time_ns() // 1_000_000
+        results: list[Any] = []
+        accepted_total = dup_total = rejected_total = 0
+        with store.write_txn() as txn:
+            for job in jobs:
+                if isinstance(job, _IngestJob):
+                    first = seq
+                    rows: list[tuple[bytes, bytes]] = []
+                    dups = 0
+                    put = txn.put
+                    for event_id, payload in job.items:
+                        if put(event_id, encode_id_value(seq, now_ms), db=ids_db, overwrite=False):
+                            rows.append((encode_u64(seq), encode_log_value(now_ms, payload)))
+                            seq += 1
+                        else:
+                            dups += 1
+                    if rows:
+                        with txn.cursor(db=events_db) as cur:
+                            cur.putmulti(rows, append=True)
+                    accepted_total += len(rows)
+                    dup_total += dups
+                    rejected_total += job.rejected
+                    results.append(IngestResult(len(rows), dups, first, seq - 1))
+                else:
+                    child = store.env.begin(write=True, parent=txn)
+                    try:
+                        value = job.fn(child)
+                    except lmdb.MapFullError:
+                        child.abort()
+                        raise
+                    except Exception as exc:
+                        child.abort()
+                        results.append(exc)
+                    else:
+                        child.commit()
+                        results.append(value)
+            counts = {
+                "accepted": accepted_total,
+                "duplicates": dup_total,
+                "rejected": rejected_total,
+            }
+            if accepted_total or dup_total or rejected_total:
+                for key, name in (
+                    (COUNTER_ACCEPTED, "accepted"),
+                    (COUNTER_DUPLICATES, "duplicates"),
+                    (COUNTER_REJECTED, "rejected"),
+                ):
+                    if counts[name]:
+                        raw = txn.get(key, db=meta)
+                        old = decode_u64(raw) if raw else 0
+                        txn.put(key, encode_u64(old + counts[name]), db=meta)
+        return results, seq, counts
+
+
+def _translate(exc: lmdb.Error) -> StoreError:
+    text = str(exc)
+    if "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+        return StoreFullError(f"disk full while committing to the store: {text}")
+    if isinstance(exc, lmdb.MapFullError):
+        return StoreFullError(f"store map is full: {text}")
+    return StoreError(f"store commit failed: {text}")
