@@ -28,7 +28,7 @@ from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
 from sidecar.config import SidecarConfig
 from sidecar.errors import PortInUseError
 from sidecar.ingest import IngestServicer
-from sidecar.store import Retention, Store, StoreWriter
+from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
 from sidecar.web import WebServer
 
 __all__ = ["SidecarApp", "Stage"]
@@ -62,6 +62,9 @@ class SidecarApp:
         self.handlers = AdminHandlers()
         self.admin = AdminServicer(self.store, self.writer, self.handlers, ingest=self.ingest)
         self.health = health.aio.HealthServicer()
+        # Stages that read the event log register processors here before start.
+        self.processors = ProcessorRunner(self.store, self.writer, [])
+        self.handlers.status["processing"] = self.processors.status
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
         self.stages: list[Stage] = []
@@ -89,6 +92,7 @@ class SidecarApp:
             await self.retention.start()
             for stage in self.stages:
                 await stage.start()
+            await self.processors.start()
             await self._start_grpc()
             if cfg.server.http_listen:
                 self.web = WebServer(cfg.server.http_listen, self.status_dict)
@@ -155,6 +159,7 @@ class SidecarApp:
             await self.server.stop(grace)
         if self.web is not None:
             await self.web.shutdown()
+        await self.processors.shutdown()
         for stage in reversed(self.stages):
             try:
                 await stage.shutdown()

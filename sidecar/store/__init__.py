@@ -10,6 +10,7 @@ from sidecar.store._codec import (
     seq_key,
 )
 from sidecar.store._env import DB_NAMES, SCHEMA_VERSION, Store
+from sidecar.store._processor import LogProcessor, ProcessorRunner, ProcessorStats, read_cursor
 from sidecar.store._retention import CURSOR_PREFIX, Retention, TrimResult, trim
 from sidecar.store._writer import IngestResult, StoreWriter, WriterStats
 
@@ -18,6 +19,9 @@ __all__ = [
     "DB_NAMES",
     "SCHEMA_VERSION",
     "IngestResult",
+    "LogProcessor",
+    "ProcessorRunner",
+    "ProcessorStats",
     "Retention",
     "Store",
     "StoreWriter",
@@ -29,6 +33,7 @@ __all__ = [
     "encode_id_value",
     "encode_log_value",
     "encode_u64",
+    "read_cursor",
     "seq_key",
     "trim",
 ]

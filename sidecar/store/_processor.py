@@ -1,0 +1,249 @@
+"""Processors: stages that read the event log through a durable cursor.
+
+A processor's ``process`` runs on the writer thread inside the same
+transaction that advances its cursor (``meta`` key ``cursor/<name>``), so a
+crash at any point replays to the same state: either the event's effects and
+the cursor move are both committed, or neither is.
+
+An event that makes ``process`` raise is dead-lettered (stored in
+``dead_letters`` with the processor name and the reason, counted) and the
+processor goes on with the next event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import lmdb
+from atlas_sidecar_client.pb import events_pb2
+
+from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
+from sidecar.store._env import Store
+from sidecar.store._retention import CURSOR_PREFIX
+from sidecar.store._writer import StoreWriter
+
+__all__ = ["LogProcessor", "ProcessorRunner", "ProcessorStats", "read_cursor"]
+
+log = logging.getLogger(__name__)
+
+
+class LogProcessor(Protocol):
+    """One consumer of the event log.
+
+    ``name`` keys its cursor; keep it stable. ``process`` gets the event's
+    sequence number, ingest time and the parsed Event. ``tick`` runs
+    periodically (for time-based work such as reward windows) in its own
+    transaction. Both run on the writer thread: no blocking I/O.
+    """
+
+    name: str
+
+    def process(
+        self, txn: lmdb.Transaction, seq: int, ingest_ms: int, event: events_pb2.Event
+    ) -> None: ...
+
+    def tick(self, txn: lmdb.Transaction, now_ms: int) -> None: ...
+
+
+@dataclass(slots=True)
+class ProcessorStats:
+    processed: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    lag: int = 0
+    last_batch_seconds: float = 0.0
+
+
+def read_cursor(txn: lmdb.Transaction, store: Store, name: str) -> int:
+    """Next sequence number ``name`` will read (1 when it never ran)."""
+    raw = txn.get(CURSOR_PREFIX + name.encode(), db=store.db("meta"))
+    return decode_u64(raw) if raw else 1
+
+
+class ProcessorRunner:
+    """Feeds the log to processors in batches, after each commit and on a timer.
+
+    Processors run in the order given; each has its own cursor, so a
+    processor added later starts from the beginning of the retained log.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        writer: StoreWriter,
+        processors: Sequence[LogProcessor],
+        *,
+        batch_events: int = 2000,
+        tick_seconds: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._writer = writer
+        self._processors = list(processors)
+        self._batch = batch_events
+        self._tick = tick_seconds
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = {p.name: ProcessorStats() for p in self._processors}
+        self._idle = asyncio.Event()
+
+    def add(self, processor: LogProcessor) -> None:
+        if self._task is not None:
+            raise RuntimeError("add processors before start()")
+        self._processors.append(processor)
+        self.stats[processor.name] = ProcessorStats()
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._writer.add_commit_listener(self._on_commit)
+        self._task = asyncio.create_task(self._run(), name="processors")
+
+    async def shutdown(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _on_commit(self, last_seq: int) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wakeup.set)
+
+    async def wait_idle(self, timeout: float = 30.0) -> None:
+        """Waits until every processor has caught up with the log (tests, demo)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.caught_up():
+                return
+            self._wakeup.set()
+            await asyncio.sleep(0.02)
+        raise TimeoutError("processors did not catch up")
+
+    async def caught_up(self) -> bool:
+        last = self._writer.next_seq - 1
+        with self._store.read() as txn:
+            return all(read_cursor(txn, self._store, p.name) > last for p in self._processors)
+
+    async def _run(self) -> None:
+        next_tick = time.monotonic()
+        while True:
+            try:
+                more = await self.run_once()
+                if time.monotonic() >= next_tick:
+                    await self.tick_all()
+                    next_tick = time.monotonic() + self._tick
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("processor batch failed; retrying")
+                more = False
+                await asyncio.sleep(0.5)
+            if not more:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._tick)
+                self._wakeup.clear()
+
+    async def tick_all(self, now_ms: int | None = None) -> None:
+        """Runs every processor's ``tick`` (each in its own nested transaction)."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        for proc in self._processors:
+            try:
+                await self._writer.run(lambda txn, p=proc: p.tick(txn, now))
+            except Exception:
+                log.exception("processor tick failed", extra={"processor": proc.name})
+
+    async def run_once(self) -> bool:
+        """Processes one batch per processor. Returns True when more is waiting."""
+        more = False
+        last = self._writer.next_seq - 1
+        for proc in self._processors:
+            with self._store.read() as txn:
+                start = read_cursor(txn, self._store, proc.name)
+            st = self.stats[proc.name]
+            st.lag = max(0, last - start + 1)
+            if start > last:
+                continue
+            started = time.perf_counter()
+            n = await self._writer.run(lambda txn, p=proc, s=start: self._apply(txn, p, s))
+            st.last_batch_seconds = time.perf_counter() - started
+            st.batches += 1
+            if n >= self._batch:
+                more = True
+        return more
+
+    def _apply(self, txn: lmdb.Transaction, proc: LogProcessor, start: int) -> int:
+        """Runs on the writer thread: process up to a batch, advance the cursor."""
+        events_db = self._store.db("events")
+        rows: list[tuple[int, int, bytes]] = []
+        with txn.cursor(db=events_db) as cur:
+            if cur.set_range(encode_u64(start)):
+                for key, value in cur:
+                    ingest_ms, payload = decode_log_value(value)
+                    rows.append((decode_u64(key), ingest_ms, payload))
+                    if len(rows) >= self._batch:
+                        break
+        if not rows:
+            return 0
+        st = self.stats[proc.name]
+        env = self._store.env
+        child = env.begin(write=True, parent=txn)
+        try:
+            for seq, ingest_ms, payload in rows:
+                proc.process(child, seq, ingest_ms, _parse(payload))
+            child.commit()
+            st.processed += len(rows)
+        except lmdb.MapFullError:
+            child.abort()
+            raise
+        except Exception:
+            child.abort()
+            # isolate the bad event(s): one nested transaction per event
+            for seq, ingest_ms, payload in rows:
+                one = env.begin(write=True, parent=txn)
+                try:
+                    proc.process(one, seq, ingest_ms, _parse(payload))
+                    one.commit()
+                    st.processed += 1
+                except lmdb.MapFullError:
+                    one.abort()
+                    raise
+                except Exception as exc:
+                    one.abort()
+                    self._dead_letter(txn, proc.name, seq, exc)
+                    st.dead_lettered += 1
+        txn.put(CURSOR_PREFIX + proc.name.encode(), encode_u64(rows[-1][0] + 1), db=self._store.db("meta"))
+        return len(rows)
+
+    def _dead_letter(self, txn: lmdb.Transaction, name: str, seq: int, exc: Exception) -> None:
+        key = name.encode() + b"/" + encode_u64(seq)
+        doc = {"processor": name, "seq": seq, "error": f"{type(exc).__name__}: {exc}",
+               "at_ms": time.time_ns() // 1_000_000}
+        txn.put(key, json.dumps(doc).encode(), db=self._store.db("dead_letters"))
+        log.warning("event dead-lettered", extra={"processor": name, "seq": seq, "error": str(exc)})
+
+    def status(self) -> dict[str, object]:
+        with self._store.read() as txn:
+            dead = int(txn.stat(self._store.db("dead_letters"))["entries"])
+        return {
+            "dead_letters": dead,
+            "processors": {
+                name: {"processed": st.processed, "dead_lettered": st.dead_lettered, "lag": st.lag}
+                for name, st in self.stats.items()
+            },
+        }
+
+
+def _parse(payload: bytes) -> events_pb2.Event:
+    ev = events_pb2.Event()
+    ev.ParseFromString(payload)
+    return ev
