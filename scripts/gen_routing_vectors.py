@@ -39,23 +39,69 @@ def main() -> None:
     rng = random.Random(20261126)
     splits = [
         {"routes": [{"version": "v1", "weight_bps": 10000}], "stable_version": "v1"},
-        {"routes": [{"version": "v1", "weight_bps": 9900}, {"version": "v2", "weight_bps": 100}], "stable_version": "v1"},
-        {"routes": [{"version": "v1", "weight_bps": 9500}, {"version": "v2", "weight_bps": 500}], "stable_version": "v1"},
-        {"routes": [{"version": "v1", "weight_bps": 5000}, {"version": "v2", "weight_bps": 5000}], "stable_version": "v1"},
-        {"routes": [{"version": "v2", "weight_bps": 2500}, {"version": "v1", "weight_bps": 7500}], "stable_version": "v1"},
-        {"routes": [{"version": "a", "weight_bps": 3333}, {"version": "b", "weight_bps": 3333}, {"version": "c", "weight_bps": 3334}], "stable_version": "a"},
-        {"routes": [{"version": "v1", "weight_bps": 0}, {"version": "v2", "weight_bps": 10000}], "stable_version": "v1"},
+        {
+            "routes": [{"version": "v1", "weight_bps": 9900}, {"version": "v2", "weight_bps": 100}],
+            "stable_version": "v1",
+        },
+        {
+            "routes": [{"version": "v1", "weight_bps": 9500}, {"version": "v2", "weight_bps": 500}],
+            "stable_version": "v1",
+        },
+        {
+            "routes": [
+                {"version": "v1", "weight_bps": 5000},
+                {"version": "v2", "weight_bps": 5000},
+            ],
+            "stable_version": "v1",
+        },
+        {
+            "routes": [
+                {"version": "v2", "weight_bps": 2500},
+                {"version": "v1", "weight_bps": 7500},
+            ],
+            "stable_version": "v1",
+        },
+        {
+            "routes": [
+                {"version": "a", "weight_bps": 3333},
+                {"version": "b", "weight_bps": 3333},
+                {"version": "c", "weight_bps": 3334},
+            ],
+            "stable_version": "a",
+        },
+        {
+            "routes": [{"version": "v1", "weight_bps": 0}, {"version": "v2", "weight_bps": 10000}],
+            "stable_version": "v1",
+        },
         {"routes": [{"version": "v1", "weight_bps": 6000}], "stable_version": "v0"},
         {"routes": [{"version": "v1", "weight_bps": 4000}], "stable_version": ""},
     ]
-    shadows = [None, {"version": "v9", "mirror_bps": 0}, {"version": "v9", "mirror_bps": 1000},
-               {"version": "v9", "mirror_bps": 5000}, {"version": "v9", "mirror_bps": 10000}]
-    fixed_keys = ["", "a", "req-1", "session-42", "user-7", "ünïcødé-ключ-键", "🙂", "x" * 300,
-                  "00000000-0000-7000-8000-000000000000"]
+    shadows = [
+        None,
+        {"version": "v9", "mirror_bps": 0},
+        {"version": "v9", "mirror_bps": 1000},
+        {"version": "v9", "mirror_bps": 5000},
+        {"version": "v9", "mirror_bps": 10000},
+    ]
+    fixed_keys = [
+        "",
+        "a",
+        "req-1",
+        "session-42",
+        "user-7",
+        "ünïcødé-ключ-键",
+        "🙂",
+        "x" * 300,
+        "00000000-0000-7000-8000-000000000000",
+    ]
     vectors = []
     n = 0
     while len(vectors) < 240:
-        request_id = fixed_keys[n] if n < len(fixed_keys) and fixed_keys[n] else f"req-{rng.getrandbits(40):x}"
+        request_id = (
+            fixed_keys[n]
+            if n < len(fixed_keys) and fixed_keys[n]
+            else f"req-{rng.getrandbits(40):x}"
+        )
         form = n % 4
         session_id = f"sess-{rng.getrandbits(32):x}" if form == 1 else ""
         user_id = f"user-{rng.getrandbits(24)}" if form in (1, 2) else ""
@@ -71,16 +117,18 @@ def main() -> None:
             split["shadow"] = shadow
         b = bucket(key)
         mirror = bool(shadow) and shadow["mirror_bps"] > 0 and b < shadow["mirror_bps"]
-        vectors.append({
-            "request_id": request_id,
-            "session_id": session_id,
-            "user_id": user_id,
-            "key": key,
-            "bucket": b,
-            "split": split,
-            "expected_version": route(b, split),
-            "mirror": mirror,
-        })
+        vectors.append(
+            {
+                "request_id": request_id,
+                "session_id": session_id,
+                "user_id": user_id,
+                "key": key,
+                "bucket": b,
+                "split": split,
+                "expected_version": route(b, split),
+                "mirror": mirror,
+            }
+        )
         n += 1
     doc = {
         "rule": __doc__.strip().splitlines()[2:9],

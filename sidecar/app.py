@@ -104,8 +104,11 @@ class SidecarApp:
         self._started = True
         log.info(
             "atlas-sidecar serving",
-            extra={"listen": cfg.server.listen, "http": cfg.server.http_listen,
-                   "data_dir": str(self.store.data_dir)},
+            extra={
+                "listen": cfg.server.listen,
+                "http": cfg.server.http_listen,
+                "data_dir": str(self.store.data_dir),
+            },
         )
 
     async def _start_grpc(self) -> None:
@@ -121,8 +124,11 @@ class SidecarApp:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (*_SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                *_SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         self.server = server

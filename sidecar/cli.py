@@ -1,9 +1,9 @@
 """atlas-sidecar: the command line.
 
-    atlas-sidecar serve [--config FILE] [--listen ADDR] [--http-listen ADDR] [--data-dir DIR]
-    atlas-sidecar status [--target ADDR] [--json]
-    atlas-sidecar validate-config FILE
-    atlas-sidecar demo
+atlas-sidecar serve [--config FILE] [--listen ADDR] [--http-listen ADDR] [--data-dir DIR]
+atlas-sidecar status [--target ADDR] [--json]
+atlas-sidecar validate-config FILE
+atlas-sidecar demo
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ see config.example.yaml for every key with its default and what it trades off
 """
 
 #: Subcommands registered by later stages (rollout, export, ...): name -> (setup, run).
-EXTRA_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+EXTRA_COMMANDS: dict[
+    str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,17 +57,23 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="gRPC address, host:port or unix:/path (repeatable; default 127.0.0.1:50051)",
     )
-    s.add_argument("--http-listen", metavar="ADDR", help="HTTP address ('' disables; default 127.0.0.1:9464)")
+    s.add_argument(
+        "--http-listen", metavar="ADDR", help="HTTP address ('' disables; default 127.0.0.1:9464)"
+    )
     s.add_argument("--data-dir", metavar="DIR", help="data directory (default ./var/atlas-sidecar)")
     s.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     s.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON")
 
     st = sub.add_parser("status", help="show a running daemon's status")
-    st.add_argument("--target", default="127.0.0.1:50051", metavar="ADDR", help="gRPC address of the daemon")
+    st.add_argument(
+        "--target", default="127.0.0.1:50051", metavar="ADDR", help="gRPC address of the daemon"
+    )
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
-    v = sub.add_parser("validate-config", help="check a config file; exit non-zero naming the bad key")
+    v = sub.add_parser(
+        "validate-config", help="check a config file; exit non-zero naming the bad key"
+    )
     v.add_argument("file", metavar="FILE")
 
     d = sub.add_parser("demo", help="run the whole loop on this machine")
@@ -150,7 +158,10 @@ def _status(args: argparse.Namespace) -> int:
         ("events duplicate", f"{ev['duplicates']:,}"),
         ("events rejected", f"{ev['rejected']:,}"),
         ("log", f"{store['log_events']:,} events (seq {store['first_seq']}..{store['last_seq']})"),
-        ("disk used", f"{store['used_bytes'] / 1e6:.1f} MB of map {store['map_size_bytes'] / 1e9:.1f} GB"),
+        (
+            "disk used",
+            f"{store['used_bytes'] / 1e6:.1f} MB of map {store['map_size_bytes'] / 1e9:.1f} GB",
+        ),
         ("disk free", f"{store['disk_free_bytes'] / 1e9:.1f} GB"),
         ("data dir", store["data_dir"]),
         ("open streams", str(doc["open_streams"])),

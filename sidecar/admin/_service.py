@@ -43,14 +43,18 @@ class RolloutControl(Protocol):
     async def promote(self, request: admin_pb2.PromoteRolloutRequest) -> admin_pb2.Rollout: ...
     async def abort(self, request: admin_pb2.AbortRolloutRequest) -> admin_pb2.Rollout: ...
     async def rollback(self, request: admin_pb2.RollbackRequest) -> admin_pb2.Rollout: ...
-    async def list(self, request: admin_pb2.ListRolloutsRequest) -> admin_pb2.ListRolloutsResponse: ...
+    async def list(
+        self, request: admin_pb2.ListRolloutsRequest
+    ) -> admin_pb2.ListRolloutsResponse: ...
 
 
 class LearningControl(Protocol):
     async def trigger(
         self, request: admin_pb2.TriggerLearningRequest
     ) -> admin_pb2.TriggerLearningResponse: ...
-    def export(self, request: admin_pb2.ExportSamplesRequest) -> AsyncIterator[admin_pb2.ExportedRow]: ...
+    def export(
+        self, request: admin_pb2.ExportSamplesRequest
+    ) -> AsyncIterator[admin_pb2.ExportedRow]: ...
 
 
 class ReportSource(Protocol):
@@ -151,7 +155,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.RegisterCandidateRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RegisterCandidateResponse:
         if self._h.registry is None:
-            await self._missing(context, "RegisterCandidate", "the candidate registry (training stage)")
+            await self._missing(
+                context, "RegisterCandidate", "the candidate registry (training stage)"
+            )
             raise AssertionError("unreachable")
         try:
             return await self._h.registry.register(request)
@@ -159,7 +165,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await self._fail(context, exc)
             raise
 
-    async def _rollout(self, context: grpc.aio.ServicerContext, rpc: str, call: str, request: Any) -> Any:
+    async def _rollout(
+        self, context: grpc.aio.ServicerContext, rpc: str, call: str, request: Any
+    ) -> Any:
         if self._h.rollouts is None:
             await self._missing(context, rpc, "the rollout engine")
             raise AssertionError("unreachable")
@@ -178,7 +186,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def PromoteRollout(
         self, request: admin_pb2.PromoteRolloutRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Rollout:
-        result: admin_pb2.Rollout = await self._rollout(context, "PromoteRollout", "promote", request)
+        result: admin_pb2.Rollout = await self._rollout(
+            context, "PromoteRollout", "promote", request
+        )
         return result
 
     async def AbortRollout(

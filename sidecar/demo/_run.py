@@ -34,8 +34,14 @@ def run_demo(data_dir: str | None = None, events: int = 20_000) -> int:
         n = 0
         while n < events:
             rid = f"req-{n}"
-            stream.record_inference(rid, "v1", prompt=f"question {n % 50}", response=f"answer {n % 7}",
-                                    latency_ms=rng.uniform(20, 200), user_id=f"u{n % 100}")
+            stream.record_inference(
+                rid,
+                "v1",
+                prompt=f"question {n % 50}",
+                response=f"answer {n % 7}",
+                latency_ms=rng.uniform(20, 200),
+                user_id=f"u{n % 100}",
+            )
             n += 1
             if rng.random() < 0.6 and n < events:
                 stream.record_feedback(rid, signal=rng.choice(signals), user_id=f"u{n % 100}")
@@ -45,9 +51,11 @@ def run_demo(data_dir: str | None = None, events: int = 20_000) -> int:
         ok = stream.flush(60)
         elapsed = time.perf_counter() - started
         stream.close()
-        print(f"streamed {n:,} events in {elapsed:.2f}s; all acked: {ok}; "
-              f"accepted {stream.stats.accepted:,}, duplicates {stream.stats.duplicates}, "
-              f"rejected {stream.stats.rejected}")
+        print(
+            f"streamed {n:,} events in {elapsed:.2f}s; all acked: {ok}; "
+            f"accepted {stream.stats.accepted:,}, duplicates {stream.stats.duplicates}, "
+            f"rejected {stream.stats.rejected}"
+        )
         print("\n$ atlas-sidecar status")
         from sidecar.cli import main as cli_main
 

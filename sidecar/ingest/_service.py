@@ -33,9 +33,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     (``ingest.max_inflight_batches``), so reading is never stalled by fsync.
     """
 
-    def __init__(
-        self, writer: StoreWriter, ingest: IngestConfig, server: ServerConfig
-    ) -> None:
+    def __init__(self, writer: StoreWriter, ingest: IngestConfig, server: ServerConfig) -> None:
         self._writer = writer
         self._validator = EventValidator(ingest)
         self._max_inflight = ingest.max_inflight_batches
@@ -53,7 +51,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     # -- core ------------------------------------------------------------
 
-    def _submit(self, batch: events_pb2.EventBatch) -> Callable[[], Awaitable[events_pb2.IngestAck]]:
+    def _submit(
+        self, batch: events_pb2.EventBatch
+    ) -> Callable[[], Awaitable[events_pb2.IngestAck]]:
         check = self._validator.check
         items: list[tuple[bytes, bytes]] = []
         rejections: list[events_pb2.Rejection] = []

@@ -112,7 +112,10 @@ class EventValidator:
             reason = self._text("feedback.correction", fb.correction, c.max_text_bytes)
             if reason:
                 return reason
-        for field, value in (("feedback.user_id", fb.user_id), ("feedback.session_id", fb.session_id)):
+        for field, value in (
+            ("feedback.user_id", fb.user_id),
+            ("feedback.session_id", fb.session_id),
+        ):
             if value and _utf8_len(value) > c.max_id_bytes:
                 return f"{field}: longer than {c.max_id_bytes} bytes"
         if fb.attributes:

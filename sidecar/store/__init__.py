@@ -10,6 +10,7 @@ from sidecar.store._codec import (
     seq_key,
 )
 from sidecar.store._env import DB_NAMES, SCHEMA_VERSION, Store
+from sidecar.store._history import append_history, read_history
 from sidecar.store._processor import LogProcessor, ProcessorRunner, ProcessorStats, read_cursor
 from sidecar.store._retention import CURSOR_PREFIX, Retention, TrimResult, trim
 from sidecar.store._writer import IngestResult, StoreWriter, WriterStats
@@ -27,6 +28,7 @@ __all__ = [
     "StoreWriter",
     "TrimResult",
     "WriterStats",
+    "append_history",
     "decode_id_value",
     "decode_log_value",
     "decode_u64",
@@ -34,6 +36,7 @@ __all__ = [
     "encode_log_value",
     "encode_u64",
     "read_cursor",
+    "read_history",
     "seq_key",
     "trim",
 ]

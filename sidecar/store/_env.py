@@ -26,7 +26,8 @@ SCHEMA_VERSION = 1
 
 #: Every named database of DESIGN.md section 4, created at open (empty until
 #: the stage that owns it writes). ``dead_letters`` holds events a processor
-#: could not handle, with the reason.
+#: could not handle, with the reason; ``history`` is the
+#: append-only learning history (see ``_history.py``).
 DB_NAMES: tuple[str, ...] = (
     "events",
     "event_ids",
@@ -40,6 +41,7 @@ DB_NAMES: tuple[str, ...] = (
     "rollouts",
     "directives",
     "dead_letters",
+    "history",
     "meta",
 )
 
@@ -200,7 +202,9 @@ class Store:
         try:
             return self._dbs[name]
         except KeyError:
-            raise StoreError(f"unknown database {name!r} (store open: {self._env is not None})") from None
+            raise StoreError(
+                f"unknown database {name!r} (store open: {self._env is not None})"
+            ) from None
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:

@@ -221,13 +221,21 @@ class ProcessorRunner:
                     one.abort()
                     self._dead_letter(txn, proc.name, seq, exc)
                     st.dead_lettered += 1
-        txn.put(CURSOR_PREFIX + proc.name.encode(), encode_u64(rows[-1][0] + 1), db=self._store.db("meta"))
+        txn.put(
+            CURSOR_PREFIX + proc.name.encode(),
+            encode_u64(rows[-1][0] + 1),
+            db=self._store.db("meta"),
+        )
         return len(rows)
 
     def _dead_letter(self, txn: lmdb.Transaction, name: str, seq: int, exc: Exception) -> None:
         key = name.encode() + b"/" + encode_u64(seq)
-        doc = {"processor": name, "seq": seq, "error": f"{type(exc).__name__}: {exc}",
-               "at_ms": time.time_ns() // 1_000_000}
+        doc = {
+            "processor": name,
+            "seq": seq,
+            "error": f"{type(exc).__name__}: {exc}",
+            "at_ms": time.time_ns() // 1_000_000,
+        }
         txn.put(key, json.dumps(doc).encode(), db=self._store.db("dead_letters"))
         log.warning("event dead-lettered", extra={"processor": name, "seq": seq, "error": str(exc)})
 

@@ -47,7 +47,9 @@ class DaemonProcess:
         self.config = config
         self.env = dict(env or {})
         self.extra_args = list(extra_args)
-        self.log_path = Path(log_path) if log_path else self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.log_path = (
+            Path(log_path) if log_path else self.data_dir.parent / f"{self.data_dir.name}.log"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready: dict[str, Any] = {}
         self._log: IO[bytes] | None = None
@@ -62,10 +64,16 @@ class DaemonProcess:
 
     def argv(self) -> list[str]:
         argv = [
-            sys.executable, "-m", "sidecar.cli", "serve",
-            "--listen", self.target,
-            "--http-listen", f"127.0.0.1:{self.http_port}" if self.http_port else "",
-            "--data-dir", str(self.data_dir),
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "serve",
+            "--listen",
+            self.target,
+            "--http-listen",
+            f"127.0.0.1:{self.http_port}" if self.http_port else "",
+            "--data-dir",
+            str(self.data_dir),
         ]
         if self.config:
             argv += ["--config", str(self.config)]
@@ -75,9 +83,7 @@ class DaemonProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(
-            self.argv(), stdout=subprocess.PIPE, stderr=self._log, env=env
-        )
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.PIPE, stderr=self._log, env=env)
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:

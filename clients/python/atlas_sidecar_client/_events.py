@@ -8,7 +8,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,8 +121,12 @@ class EventStream:
         self._channel = grpc.insecure_channel(target, options=list(channel_options))
         self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
         self._call: grpc.Future | None = None
-        self._sender = threading.Thread(target=self._send_loop, name="atlas-events-batcher", daemon=True)
-        self._conn = threading.Thread(target=self._conn_loop, name="atlas-events-stream", daemon=True)
+        self._sender = threading.Thread(
+            target=self._send_loop, name="atlas-events-batcher", daemon=True
+        )
+        self._conn = threading.Thread(
+            target=self._conn_loop, name="atlas-events-stream", daemon=True
+        )
         self._sender.start()
         self._conn.start()
 
@@ -163,9 +167,24 @@ class EventStream:
         """Queues an Inference event; returns its event id. Never blocks."""
         event_id = uuid7()
         self._enqueue(
-            (_INF, event_id, time.time_ns(), request_id, model_version, prompt, response,
-             latency_ms, role, error, error_code, token_logprobs, session_id, user_id,
-             retry_of, attributes)
+            (
+                _INF,
+                event_id,
+                time.time_ns(),
+                request_id,
+                model_version,
+                prompt,
+                response,
+                latency_ms,
+                role,
+                error,
+                error_code,
+                token_logprobs,
+                session_id,
+                user_id,
+                retry_of,
+                attributes,
+            )
         )
         return event_id
 
@@ -184,8 +203,19 @@ class EventStream:
         """Queues a Feedback event; returns its event id. Never blocks."""
         event_id = uuid7()
         self._enqueue(
-            (_FB, event_id, time.time_ns(), request_id, signal, rating, dwell_ms, correction,
-             user_id, session_id, attributes)
+            (
+                _FB,
+                event_id,
+                time.time_ns(),
+                request_id,
+                signal,
+                rating,
+                dwell_ms,
+                correction,
+                user_id,
+                session_id,
+                attributes,
+            )
         )
         return event_id
 
@@ -269,8 +299,24 @@ class EventStream:
         ev = events_pb2.Event(event_id=item[1])  # type: ignore[arg-type]
         ev.time.FromNanoseconds(item[2])  # type: ignore[arg-type]
         if kind == _INF:
-            (_, _, _, request_id, version, prompt, response, latency, role, error, code,
-             lps, session, user, retry_of, attrs) = item
+            (
+                _,
+                _,
+                _,
+                request_id,
+                version,
+                prompt,
+                response,
+                latency,
+                role,
+                error,
+                code,
+                lps,
+                session,
+                user,
+                retry_of,
+                attrs,
+            ) = item
             inf = ev.inference
             inf.request_id = request_id  # type: ignore[assignment]
             inf.model_version = version  # type: ignore[assignment]
@@ -364,7 +410,9 @@ class EventStream:
                 code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
                 if self._closed.is_set():
                     break
-                self.stats.last_error = f"{code.name}: {exc.details() if hasattr(exc, 'details') else exc}"
+                self.stats.last_error = (
+                    f"{code.name}: {exc.details() if hasattr(exc, 'details') else exc}"
+                )
                 if code not in RETRYABLE:
                     log.warning("event stream failed (%s); retrying", self.stats.last_error)
             finally:
@@ -421,5 +469,3 @@ class _Outbox:
                 return
             assert isinstance(item, events_pb2.EventBatch)
             yield item
-
-

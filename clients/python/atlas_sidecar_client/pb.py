@@ -1,7 +1,7 @@
 """The generated protobuf and gRPC modules of ``atlas.sidecar.v1``, in one place.
 
-    from atlas_sidecar_client import pb
-    batch = pb.events_pb2.EventBatch(events=[...])
+from atlas_sidecar_client import pb
+batch = pb.events_pb2.EventBatch(events=[...])
 """
 
 from atlas_sidecar_client._proto.atlas.sidecar.v1 import (
