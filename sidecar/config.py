@@ -20,6 +20,7 @@ from sidecar.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "ControlConfig",
     "IngestConfig",
     "ServerConfig",
     "SidecarConfig",
@@ -110,10 +111,27 @@ class IngestConfig(_Section):
     max_inflight_batches: int = Field(default=64, ge=1)
 
 
+# -- control channel (sidecar/control) -----------------------------------------
+
+
+class ControlConfig(_Section):
+    # Seconds a new ControlService.Connect stream may take to send its Hello
+    # before it is closed. Short frees a stuck stream sooner; long tolerates a
+    # slow server start.
+    hello_timeout_seconds: float = Field(default=10.0, gt=0)
+    # A directive the server answered with ok=false is sent again after this
+    # many seconds, doubling per failure up to retry_max_seconds. Short
+    # retries recover fast from a transient failure; long ones spare a server
+    # that keeps failing.
+    retry_initial_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=60.0, gt=0)
+
+
 class SidecarConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
