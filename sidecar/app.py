@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
 from sidecar.config import SidecarConfig
 from sidecar.control import ControlChannel
+from sidecar.control.adapters import AdapterStage
 from sidecar.errors import PortInUseError
 from sidecar.ingest import IngestServicer
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
@@ -43,6 +44,15 @@ _SERVICE_NAMES = (
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
     active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"].full_name,
 )
+
+
+def _self_target(config: SidecarConfig) -> str:
+    """Where an in-process client reaches this daemon's gRPC server."""
+    addr = config.server.listen[0]
+    host, _, port = addr.rpartition(":")
+    if addr.startswith("unix:") or host not in ("0.0.0.0", "[::]", "::"):
+        return addr
+    return f"127.0.0.1:{port}"
 
 
 class Stage(Protocol):
@@ -81,8 +91,14 @@ class SidecarApp:
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
         self.stages: list[Stage] = []
-        # The control channel starts before the stages that drive it.
+        # The control channel starts before the stages that drive it. A
+        # configured adapter (control.adapter) joins it as one more replica,
+        # over this daemon's own gRPC address.
         self.stages.append(self.control)
+        self.control_adapter = AdapterStage(config.control.adapter, _self_target(config))
+        self.stages.append(self.control_adapter)
+        if config.control.adapter.kind != "none":
+            self.handlers.status["control_adapter"] = self.control_adapter.status
         self.server: grpc.aio.Server | None = None
         self.web: WebServer | None = None
         self.ports: dict[str, int] = {}

@@ -123,3 +123,52 @@ async def test_adapter_vllm_as_a_replica_follows_the_desired_state(
     finally:
         await loop.stop()
         await app.shutdown()
+
+
+async def test_adapter_configured_in_the_daemon_recovers_a_restarted_server(
+    tmp_path: Path, vllm: FakeVllmServer
+) -> None:
+    port = free_port()
+    cfg = load_config(
+        environ={},
+        overrides={
+            "server": {"listen": [f"127.0.0.1:{port}"], "http_listen": "", "grace_seconds": 2},
+            "store": {"data_dir": str(tmp_path / "data"), "sync": False},
+            "control": {
+                "retry_initial_seconds": 0.05,
+                "adapter": {"kind": "vllm", "url": vllm.url, "resync_seconds": 0.05},
+            },
+        },
+    )
+    app = SidecarApp(cfg)
+    await app.start()
+    try:
+        await app.control.apply(
+            DesiredState(
+                revision=1,
+                loaded=frozenset({"base", "v2"}),
+                routes=(RouteSpec("base", 9000), RouteSpec("v2", 1000)),
+                stable_version="base",
+                artifacts={"v2": "/loras/v2"},
+            )
+        )
+        async with asyncio.timeout(20):
+            await app.control.wait_converged(1)
+        assert vllm.adapters == {"v2": "/loras/v2"}
+        vllm.adapters.clear()  # vLLM restarted and lost its runtime adapters
+        async with asyncio.timeout(20):
+            while True:
+                if vllm.adapters == {"v2": "/loras/v2"}:
+                    break
+                await asyncio.sleep(0.02)
+        assert [r for r, _ in vllm.requests] == ["load", "load"]
+        assert app.status_dict()["details"]["control_adapter"]["resyncs"] >= 1
+    finally:
+        await app.shutdown()
+
+
+def test_adapter_config_requires_a_url() -> None:
+    from sidecar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"control\.adapter.*url is required"):
+        load_config(environ={}, overrides={"control": {"adapter": {"kind": "triton"}}})

@@ -10,14 +10,17 @@ picks the model name per request (no server splits traffic by weight itself).
 
 from sidecar.control.adapters._base import AdapterError, ModelServerAdapter
 from sidecar.control.adapters._loop import adapter_loop
+from sidecar.control.adapters._stage import AdapterStage, make_adapter
 from sidecar.control.adapters._triton import TritonRepositoryAdapter
 from sidecar.control.adapters._vllm import VllmLoraAdapter, lora_path
 
 __all__ = [
     "AdapterError",
+    "AdapterStage",
     "ModelServerAdapter",
     "TritonRepositoryAdapter",
     "VllmLoraAdapter",
     "adapter_loop",
     "lora_path",
+    "make_adapter",
 ]
