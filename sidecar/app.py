@@ -28,7 +28,10 @@ from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
 from sidecar.config import SidecarConfig
 from sidecar.errors import PortInUseError
 from sidecar.ingest import IngestServicer
+from sidecar.learning import LearningScheduler
+from sidecar.scoring import FeedbackProcessor
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
+from sidecar.training import ModelRegistry, TrainingStage
 from sidecar.web import WebServer
 
 __all__ = ["SidecarApp", "Stage"]
@@ -68,6 +71,39 @@ class SidecarApp:
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
         self.stages: list[Stage] = []
+
+        # -- learning: join/score/curate on the log, the scheduler, training ----
+        # Others plug in here: the rollout engine sets
+        # ``scheduler.rollout_active`` and appends to ``registry.on_registered``;
+        # selective learning and memory append steps to ``training.composer``
+        # (a ComposerChain) and may listen to ``scoring.sample_listeners``.
+        lcfg = config.learning
+        self.registry = ModelRegistry(
+            self.store, self.writer, base_version=config.training.base_version
+        )
+        self.scoring = FeedbackProcessor(
+            self.store,
+            config.scoring,
+            baseline_samples=lcfg.baseline_samples,
+            recent_samples=lcfg.recent_samples,
+            on_primary_version=self.registry.observe_primary_version,
+        )
+        self.processors.add(self.scoring)
+        self.scheduler = LearningScheduler(
+            self.store, lcfg, stable_version=self.registry.stable_version_txn
+        )
+        self.training = TrainingStage(
+            self.store,
+            self.writer,
+            config,
+            scheduler=self.scheduler,
+            registry=self.registry,
+            scoring=self.scoring,
+        )
+        self.stages.append(self.training)
+        self.handlers.registry = self.registry
+        self.handlers.learning = self.training
+        self.handlers.status["learning"] = self.training.status
         self.server: grpc.aio.Server | None = None
         self.web: WebServer | None = None
         self.ports: dict[str, int] = {}
