@@ -200,10 +200,12 @@ class LearningConfig(_Section):
     error_threshold: float = Field(default=0.05, gt=0, le=1)
     min_requests: int = Field(default=50, ge=1)
     # Rate limit: minimum seconds between updates and most updates per day.
-    # A failed run backs off: the interval doubles per consecutive failure,
-    # up to a day, so a broken trainer cannot cause a trigger storm.
     min_interval_seconds: float = Field(default=300.0, ge=0)
     max_updates_per_day: int = Field(default=24, ge=1)
+    # After a failed training run the next update waits at least this long,
+    # doubling per consecutive failure (capped at a day). Shorter retries a
+    # flaky trainer sooner; longer spares a broken one.
+    failure_backoff_seconds: float = Field(default=60.0, ge=0)
     # How often the scheduler evaluates its triggers.
     evaluate_interval_seconds: float = Field(default=1.0, gt=0)
 

@@ -14,8 +14,9 @@ Triggers (the seed's four, plus a manual one):
 
 Automatic triggers need at least one new qualifying sample. A trigger is
 suppressed while a rollout is active, while a training run is in flight, and
-by the rate limit (``min_interval_seconds``, doubled per consecutive failed
-run up to a day, and ``max_updates_per_day``). Every firing and every
+by the rate limit (``min_interval_seconds`` and ``max_updates_per_day``), and
+after a failed run by a backoff (``failure_backoff_seconds``, doubled per
+consecutive failure, up to a day). Every firing and every
 suppression is recorded in the learning history (a suppression once per
 distinct cause, not once per evaluation), and the state (last update,
 markers, failures) is persisted in ``meta`` key ``learning/state`` in the
@@ -255,8 +256,10 @@ class LearningScheduler:
         if manual and pending < 1:
             return "no_new_samples", "no new qualifying samples since the last update"
         if st.last_update_ms:
-            interval = cfg.min_interval_seconds * 1000 * (2 ** min(st.failures, 16))
-            interval = min(interval, max(_DAY_MS, cfg.min_interval_seconds * 1000))
+            interval = cfg.min_interval_seconds * 1000
+            if st.failures:
+                backoff = cfg.failure_backoff_seconds * 1000 * 2 ** min(st.failures - 1, 16)
+                interval = max(interval, min(backoff, _DAY_MS))
             wait = st.last_update_ms + interval - now_ms
             if wait > 0:
                 code = "failure_backoff" if st.failures else "rate_limit_interval"

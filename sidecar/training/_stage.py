@@ -525,4 +525,8 @@ class TrainingStage:
             ],
             "last_update": updates[0] if updates else None,
             "versions": {v: p.as_dict() for v, p in sorted(perf.items())},
+            "candidates": [
+                {"version": r.version, "update_id": r.update_id, "state": r.state}
+                for r in self.registry.list(limit=5)
+            ],
         }
