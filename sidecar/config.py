@@ -158,8 +158,11 @@ class ScoringConfig(_Section):
     # Smallest reward difference that makes two answers to the same prompt a
     # preference pair. Lower gives more pairs, noisier ones.
     pair_margin: float = Field(default=0.2, gt=0, le=1)
-    # How many earlier answers to the same prompt a new one is compared with.
+    # How many earlier answers to the same prompt a new one is compared with,
+    # and how many score pairs it may form. More gives more pairs from
+    # popular prompts, at the cost of processing time and near-duplicates.
     pair_lookback: int = Field(default=16, ge=0)
+    pairs_per_sample: int = Field(default=2, ge=0)
     # Quarantine: a feedback source (user or session) whose mean rating is a
     # robust-z outlier is not trained on. Needs this many ratings from the
     # source and this many sources before judging anyone.

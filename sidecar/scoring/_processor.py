@@ -25,12 +25,12 @@ left to the stages that compare them.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import lmdb
+import orjson
 from atlas_sidecar_client.pb import events_pb2
 
 from sidecar.config import ScoringConfig
@@ -53,6 +53,7 @@ _PRIMARY_ROLES = (events_pb2.ROLE_UNSPECIFIED, events_pb2.PRIMARY)
 _SIGNAL_NAMES = {v: k for k, v in S.items()}
 _ENGAGE = S.ENGAGE
 _SOURCE = struct.Struct(">Qd")
+_PROMPT_ENTRY = struct.Struct(">d8s")
 _KIND_INFERENCE = b"i"
 _KIND_ORPHAN = b"o"
 
@@ -71,8 +72,10 @@ def table_from_config(config: ScoringConfig) -> WeightTable:
     )
 
 
-def _dumps(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+# orjson: records are read and written several times per event, and it is
+# several times faster than the standard library's json for that.
+_dumps = orjson.dumps
+_loads = orjson.loads
 
 
 class FeedbackProcessor:
@@ -101,6 +104,12 @@ class FeedbackProcessor:
         self._alpha = 2.0 / (recent_samples + 1)
         self._on_version = on_primary_version
         self.weight_version: int | None = None
+        # Read caches of values this processor itself wrote in the current
+        # transaction (every write still goes to the store): a new
+        # transaction object, including a retry after an abort, starts empty.
+        self._cache_txn: lmdb.Transaction | None = None
+        self._counters: ScoringCounters | None = None
+        self._perf: dict[str, VersionFeedback] = {}
         self.sample_listeners: list[SampleListener] = []
         self.pair_listeners: list[PairListener] = []
 
@@ -162,7 +171,7 @@ class FeedbackProcessor:
         raw = txn.get(key, db=requests)
         early: dict[str, Any] | None = None
         if raw is not None:
-            prev = json.loads(bytes(raw))
+            prev = _loads(raw)
             if "o" not in prev:
                 self._bump(txn, "duplicate_requests")
                 return
@@ -223,7 +232,7 @@ class FeedbackProcessor:
                 db=store.db("windows"),
             )
         else:
-            rec = json.loads(bytes(raw))
+            rec = _loads(raw)
             if "c" in rec:
                 self._bump(txn, "late_feedback")
                 return
@@ -266,14 +275,14 @@ class FeedbackProcessor:
         raw = txn.get(key, db=requests)
         if raw is None:
             return
-        rec = json.loads(bytes(raw))
+        rec = _loads(raw)
         if kind == _KIND_ORPHAN:
             if "o" in rec:
                 txn.delete(key, db=requests)
                 self._bump(txn, "orphans_dropped")
             return
         meta = store.db("meta")
-        counters = ScoringCounters.unpack(txn.get(COUNTERS_KEY, db=meta))
+        counters = self._get_counters(txn)
         table = self.table
         score = score_feedback(rec["sg"], rec["rt"], table)
         version = rec["v"]
@@ -293,7 +302,7 @@ class FeedbackProcessor:
                 txn.put(skey, _SOURCE.pack(n + 1, total + score.signed), db=meta)
         if rec["e"] or not rec["p"] or not rec["r"]:
             counters.closed_other += 1
-            txn.put(COUNTERS_KEY, counters.pack(), db=meta)
+            self._put_counters(txn, counters)
             txn.put(key, _dumps({"c": 0, "s": rec["s"]}), db=requests)
             return
         counters.samples += 1
@@ -336,7 +345,7 @@ class FeedbackProcessor:
             txn.put(encode_u64(pair.no), pair.to_json(), db=store.db("pairs"), append=True)
             for plisten in self.pair_listeners:
                 plisten(txn, pair)
-        txn.put(COUNTERS_KEY, counters.pack(), db=meta)
+        self._put_counters(txn, counters)
         txn.put(key, _dumps({"c": no, "s": rec["s"]}), db=requests)
         for listen in self.sample_listeners:
             listen(txn, sample)
@@ -367,7 +376,7 @@ class FeedbackProcessor:
         samples = self._store.db("samples")
         if rec["ro"]:
             raw = txn.get(rec["ro"].encode(), db=self._store.db("requests"))
-            prev_no = json.loads(bytes(raw)).get("c", 0) if raw else 0
+            prev_no = _loads(raw).get("c", 0) if raw else 0
             if prev_no:
                 prev = Sample.from_json(_must(txn.get(encode_u64(prev_no), db=samples)))
                 if prev.completion != s.completion:
@@ -382,28 +391,29 @@ class FeedbackProcessor:
         if s.has_feedback and self.config.pair_lookback:
             prompts = self._store.db("prompts")
             prefix = hashlib.sha256(s.prompt.encode()).digest()[:12]
+            mine = _completion_hash(s.completion)
             margin = self.config.pair_margin
+            room = self.config.pairs_per_sample
             with txn.cursor(db=prompts) as cur:
                 seen = 0
                 ok = cur.set_range(prefix + encode_u64(s.no))
                 ok = cur.prev() if ok else cur.last()
-                while ok and seen < self.config.pair_lookback:
+                while ok and seen < self.config.pair_lookback and room > 0:
                     k = cur.key()
                     if k[:12] != prefix:
                         break
                     seen += 1
-                    other = Sample.from_json(_must(txn.get(k[12:], db=samples)))
-                    if (
-                        other.prompt == s.prompt
-                        and other.completion != s.completion
-                        and other.seq not in paired
-                    ):
-                        if s.reward - other.reward >= margin:
-                            out.append(self._pair("score", s, other))
-                        elif other.reward - s.reward >= margin:
-                            out.append(self._pair("score", other, s))
+                    reward, chash = _PROMPT_ENTRY.unpack(cur.value())
+                    if chash != mine and abs(s.reward - reward) >= margin:
+                        other = Sample.from_json(_must(txn.get(k[12:], db=samples)))
+                        if other.prompt == s.prompt and other.seq not in paired:
+                            room -= 1
+                            if s.reward > other.reward:
+                                out.append(self._pair("score", s, other))
+                            else:
+                                out.append(self._pair("score", other, s))
                     ok = cur.prev()
-            txn.put(prefix + encode_u64(s.no), b"", db=prompts)
+            txn.put(prefix + encode_u64(s.no), _PROMPT_ENTRY.pack(s.reward, mine), db=prompts)
         return out
 
     @staticmethod
@@ -427,16 +437,40 @@ class FeedbackProcessor:
 
     # -- counters and per-version feedback ------------------------------------
 
+    def _check_cache(self, txn: lmdb.Transaction) -> None:
+        if self._cache_txn is not txn:
+            self._cache_txn = txn
+            self._counters = None
+            self._perf.clear()
+
+    def _get_counters(self, txn: lmdb.Transaction) -> ScoringCounters:
+        self._check_cache(txn)
+        if self._counters is None:
+            self._counters = ScoringCounters.unpack(
+                txn.get(COUNTERS_KEY, db=self._store.db("meta"))
+            )
+        return self._counters
+
+    def _put_counters(self, txn: lmdb.Transaction, counters: ScoringCounters) -> None:
+        txn.put(COUNTERS_KEY, counters.pack(), db=self._store.db("meta"))
+
+    def _get_perf(self, txn: lmdb.Transaction, version: str) -> VersionFeedback:
+        self._check_cache(txn)
+        perf = self._perf.get(version)
+        if perf is None:
+            raw = txn.get(PERF_PREFIX + version.encode(), db=self._store.db("meta"))
+            perf = self._perf[version] = VersionFeedback.unpack(raw)
+        return perf
+
     def _bump(self, txn: lmdb.Transaction, name: str) -> None:
-        meta = self._store.db("meta")
-        counters = ScoringCounters.unpack(txn.get(COUNTERS_KEY, db=meta))
+        counters = self._get_counters(txn)
         setattr(counters, name, getattr(counters, name) + 1)
-        txn.put(COUNTERS_KEY, counters.pack(), db=meta)
+        self._put_counters(txn, counters)
 
     def _perf_request(self, txn: lmdb.Transaction, version: str, error: bool) -> None:
         meta = self._store.db("meta")
         key = PERF_PREFIX + version.encode()
-        perf = VersionFeedback.unpack(txn.get(key, db=meta))
+        perf = self._get_perf(txn, version)
         perf.requests += 1
         x = 1.0 if error else 0.0
         if error:
@@ -451,7 +485,7 @@ class FeedbackProcessor:
     ) -> None:
         meta = self._store.db("meta")
         key = PERF_PREFIX + version.encode()
-        perf = VersionFeedback.unpack(txn.get(key, db=meta))
+        perf = self._get_perf(txn, version)
         perf.feedback_n += 1
         perf.reward_sum += reward
         perf.signed_sum += signed
@@ -464,6 +498,10 @@ class FeedbackProcessor:
             perf.baseline_n += 1
             perf.baseline_sum += reward
         txn.put(key, perf.pack(), db=meta)
+
+
+def _completion_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
 
 def _must(raw: bytes | memoryview | None) -> bytes | memoryview:

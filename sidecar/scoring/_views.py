@@ -17,14 +17,14 @@ measured in log time), so replaying the same log yields the same numbering.
 
 from __future__ import annotations
 
-import json
 import statistics
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
+import orjson
 
 from sidecar.store import Store, decode_u64, encode_u64
 
@@ -56,8 +56,8 @@ _SOURCE = struct.Struct(">Qd")
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One scored PRIMARY answer. ``source`` and ``quarantined`` are filled
-    when the sample is handed to a learning batch; they are not stored."""
+    """One scored PRIMARY answer. ``source`` and ``quarantined`` are set when
+    the sample is handed to a learning batch (stored values are defaults)."""
 
     no: int
     seq: int
@@ -88,12 +88,13 @@ class Sample:
     quarantined: bool = False
 
     def to_json(self) -> bytes:
-        doc = {f.name: getattr(self, f.name) for f in _SAMPLE_STORED}
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        # orjson serializes dataclasses natively; source and quarantined are
+        # stored too (as their defaults) and overwritten when batched.
+        return orjson.dumps(self)
 
     @classmethod
     def from_json(cls, raw: bytes | memoryview) -> Sample:
-        doc = json.loads(bytes(raw))
+        doc = orjson.loads(raw)
         doc["sources"] = tuple(doc.get("sources", ()))
         doc["signals"] = tuple(doc.get("signals", ()))
         return cls(**doc)
@@ -129,20 +130,17 @@ class Pair:
     quarantined: bool = False
 
     def to_json(self) -> bytes:
-        doc = {f.name: getattr(self, f.name) for f in _PAIR_STORED}
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        # orjson serializes dataclasses natively; source and quarantined are
+        # stored too (as their defaults) and overwritten when batched.
+        return orjson.dumps(self)
 
     @classmethod
     def from_json(cls, raw: bytes | memoryview) -> Pair:
-        doc = json.loads(bytes(raw))
+        doc = orjson.loads(raw)
         doc["seqs"] = tuple(doc["seqs"])
         doc["request_ids"] = tuple(doc["request_ids"])
         doc["sources"] = tuple(doc.get("sources", ()))
         return cls(**doc)
-
-
-_SAMPLE_STORED = tuple(f for f in fields(Sample) if f.name not in ("source", "quarantined"))
-_PAIR_STORED = tuple(f for f in fields(Pair) if f.name not in ("source", "quarantined"))
 
 
 @dataclass(slots=True)
@@ -158,7 +156,17 @@ class ScoringCounters:
     duplicate_requests: int = 0
 
     def pack(self) -> bytes:
-        return _COUNTERS.pack(*(getattr(self, f.name) for f in fields(self)))
+        return _COUNTERS.pack(
+            self.samples,
+            self.sft,
+            self.pairs,
+            self.feedback_samples,
+            self.closed_other,
+            self.late_feedback,
+            self.orphans_dropped,
+            self.non_primary,
+            self.duplicate_requests,
+        )
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview | None) -> ScoringCounters:

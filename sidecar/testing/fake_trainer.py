@@ -1,7 +1,7 @@
 """A stand-in trainer for the ``command`` hook, for tests and demos.
 
     python -m sidecar.testing.fake_trainer --dataset-dir D --output-dir O
-        [--base-version V] [--mode ok|crash|hang|broken|silent]
+        [--base-version V] [--mode ok|crash|hang|broken|silent] [--mode-file F]
 
 ``ok`` reads every dataset file, checks each row has the TRL fields and the
 manifest's sha256 matches, and writes ``candidate.json`` with version
@@ -21,6 +21,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+MODES = ("ok", "crash", "hang", "broken", "silent")
 REQUIRED = {
     "sft.jsonl": ("prompt", "completion"),
     "preferences.jsonl": ("prompt", "chosen", "rejected"),
@@ -33,8 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset-dir", required=True)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--base-version", default="base")
-    p.add_argument("--mode", default="ok", choices=("ok", "crash", "hang", "broken", "silent"))
+    p.add_argument("--mode", default="ok", choices=MODES)
+    p.add_argument("--mode-file", help="read the mode from this file when it exists")
     args = p.parse_args(argv)
+    if args.mode_file and Path(args.mode_file).exists():
+        args.mode = Path(args.mode_file).read_text().strip()
+        if args.mode not in MODES:
+            print(f"fake trainer: unknown mode {args.mode!r}", file=sys.stderr)
+            return 2
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"fake trainer: mode={args.mode} dataset={args.dataset_dir}", flush=True)
