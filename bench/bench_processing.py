@@ -24,7 +24,7 @@ from sidecar.learning import LearningScheduler
 from sidecar.scoring import FeedbackProcessor, read_counters
 from sidecar.store import ProcessorRunner, Store, StoreWriter, encode_log_value, encode_u64
 
-REQUESTS = int(sys.argv[1]) if len(sys.argv) > 1 else 60_000
+REQUESTS = int(sys.argv[1]) if len(sys.argv) > 1 else 30_000
 S = events_pb2.Signal
 
 

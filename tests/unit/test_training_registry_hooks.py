@@ -170,7 +170,7 @@ async def test_command_hook_success(tmp_path: Path) -> None:
 )
 async def test_command_hook_failures(tmp_path: Path, mode: str, reason: str) -> None:
     with pytest.raises(TrainingFailed, match=reason):
-        await _trainer(mode).train(_job(tmp_path, timeout=1.5))
+        await _trainer(mode).train(_job(tmp_path, timeout=1.5 if mode == "hang" else 60))
 
 
 async def test_command_hook_missing_binary(tmp_path: Path) -> None:
