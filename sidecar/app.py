@@ -31,7 +31,10 @@ from sidecar.control import ControlChannel
 from sidecar.control.adapters import AdapterStage
 from sidecar.errors import PortInUseError
 from sidecar.ingest import IngestServicer
+from sidecar.learning import LearningScheduler
+from sidecar.scoring import FeedbackProcessor
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
+from sidecar.training import ModelRegistry, TrainingStage
 from sidecar.web import WebServer
 
 __all__ = ["SidecarApp", "Stage"]
@@ -99,6 +102,39 @@ class SidecarApp:
         self.stages.append(self.control_adapter)
         if config.control.adapter.kind != "none":
             self.handlers.status["control_adapter"] = self.control_adapter.status
+
+        # -- learning: join/score/curate on the log, the scheduler, training ----
+        # Others plug in here: the rollout engine sets
+        # ``scheduler.rollout_active`` and appends to ``registry.on_registered``;
+        # selective learning and memory append steps to ``training.composer``
+        # (a ComposerChain) and may listen to ``scoring.sample_listeners``.
+        lcfg = config.learning
+        self.registry = ModelRegistry(
+            self.store, self.writer, base_version=config.training.base_version
+        )
+        self.scoring = FeedbackProcessor(
+            self.store,
+            config.scoring,
+            baseline_samples=lcfg.baseline_samples,
+            recent_samples=lcfg.recent_samples,
+            on_primary_version=self.registry.observe_primary_version,
+        )
+        self.processors.add(self.scoring)
+        self.scheduler = LearningScheduler(
+            self.store, lcfg, stable_version=self.registry.stable_version_txn
+        )
+        self.training = TrainingStage(
+            self.store,
+            self.writer,
+            config,
+            scheduler=self.scheduler,
+            registry=self.registry,
+            scoring=self.scoring,
+        )
+        self.stages.append(self.training)
+        self.handlers.registry = self.registry
+        self.handlers.learning = self.training
+        self.handlers.status["learning"] = self.training.status
         self.server: grpc.aio.Server | None = None
         self.web: WebServer | None = None
         self.ports: dict[str, int] = {}

@@ -30,9 +30,12 @@ __all__ = [
     "AdapterConfig",
     "ControlConfig",
     "IngestConfig",
+    "LearningConfig",
+    "ScoringConfig",
     "ServerConfig",
     "SidecarConfig",
     "StoreConfig",
+    "TrainingConfig",
     "load_config",
 ]
 
@@ -119,6 +122,131 @@ class IngestConfig(_Section):
     max_inflight_batches: int = Field(default=64, ge=1)
 
 
+# -- learning: scoring, scheduler, training ----------------------------------
+
+
+class ScoringConfig(_Section):
+    # Implicit signal weights (seed defaults; THUMBS_UP/DOWN and EDIT added for
+    # the contract's signals). Changing any weight creates a new weight
+    # version; `atlas-sidecar reprocess` recomputes old scores with it.
+    signal_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "COPY": 0.8,
+            "SHARE": 0.9,
+            "RETRY": -0.3,
+            "DISMISS": -0.5,
+            "ENGAGE": 0.6,
+            "THUMBS_UP": 1.0,
+            "THUMBS_DOWN": -1.0,
+            "EDIT": -0.2,
+        }
+    )
+    # Share of the explicit rating vs the implicit signals when both exist.
+    explicit_weight: float = Field(default=0.5, ge=0)
+    implicit_weight: float = Field(default=0.5, ge=0)
+    # Reward of a request with no feedback in its window. Sits between the
+    # negative and positive rewards so that silence never looks like praise
+    # or like a complaint.
+    default_reward: float = Field(default=0.5, ge=0, le=1)
+    # How long after an answer feedback still counts (and how long feedback
+    # that came first waits for its answer). Longer catches slow users but
+    # delays training data and holds more open requests in the store.
+    reward_window_seconds: float = Field(default=600.0, gt=0)
+    # Dwell time at or above this counts as an ENGAGE signal (0 disables).
+    dwell_engage_ms: int = Field(default=10_000, ge=0)
+    # Reward at or above which a sample is trained on as SFT (and labelled
+    # desirable for KTO). Higher means cleaner but fewer samples.
+    quality_threshold: float = Field(default=0.7, ge=0, le=1)
+    # Smallest reward difference that makes two answers to the same prompt a
+    # preference pair. Lower gives more pairs, noisier ones.
+    pair_margin: float = Field(default=0.2, gt=0, le=1)
+    # How many earlier answers to the same prompt a new one is compared with,
+    # and how many score pairs it may form. More gives more pairs from
+    # popular prompts, at the cost of processing time and near-duplicates.
+    pair_lookback: int = Field(default=16, ge=0)
+    pairs_per_sample: int = Field(default=2, ge=0)
+    # Quarantine: a feedback source (user or session) whose mean rating is a
+    # robust-z outlier is not trained on. Needs this many ratings from the
+    # source and this many sources before judging anyone.
+    quarantine_min_history: int = Field(default=5, ge=1)
+    quarantine_min_sources: int = Field(default=5, ge=3)
+    # |robust z| above which a source is quarantined (3.5 is the usual cut
+    # for the median/MAD z-score). Lower quarantines more honest outliers.
+    quarantine_z: float = Field(default=3.5, gt=0)
+
+    @field_validator("signal_weights")
+    @classmethod
+    def _check_signals(cls, value: dict[str, float]) -> dict[str, float]:
+        known = {"COPY", "SHARE", "RETRY", "DISMISS", "ENGAGE", "THUMBS_UP", "THUMBS_DOWN", "EDIT"}
+        for name, weight in value.items():
+            if name not in known:
+                raise ValueError(f"unknown signal {name!r} (known: {', '.join(sorted(known))})")
+            if not -1.0 <= weight <= 1.0:
+                raise ValueError(f"weight of {name} must be in [-1, 1], got {weight}")
+        return value
+
+
+class LearningConfig(_Section):
+    # sample_count trigger: new qualifying samples (SFT samples and pairs)
+    # since the last update. Lower learns sooner from less evidence.
+    sample_count: int = Field(default=100, ge=1)
+    # time_interval trigger: seconds since the last update, provided at least
+    # time_min_samples new qualifying samples exist.
+    time_interval_seconds: float = Field(default=3600.0, gt=0)
+    time_min_samples: int = Field(default=10, ge=1)
+    # performance_drop trigger: the stable model's recent mean reward fell
+    # this much below its baseline (the mean of its first baseline_samples
+    # rewarded answers). Needs baseline_samples + recent_samples answers.
+    performance_drop: float = Field(default=0.1, gt=0, le=1)
+    baseline_samples: int = Field(default=100, ge=1)
+    recent_samples: int = Field(default=100, ge=1)
+    # error_threshold trigger: the stable model's recent error rate (over
+    # about recent_samples requests) reached this, after min_requests.
+    error_threshold: float = Field(default=0.05, gt=0, le=1)
+    min_requests: int = Field(default=50, ge=1)
+    # Rate limit: minimum seconds between updates and most updates per day.
+    min_interval_seconds: float = Field(default=300.0, ge=0)
+    max_updates_per_day: int = Field(default=24, ge=1)
+    # After a failed training run the next update waits at least this long,
+    # doubling per consecutive failure (capped at a day). Shorter retries a
+    # flaky trainer sooner; longer spares a broken one.
+    failure_backoff_seconds: float = Field(default=60.0, ge=0)
+    # How often the scheduler evaluates its triggers.
+    evaluate_interval_seconds: float = Field(default=1.0, gt=0)
+
+
+class TrainingConfig(_Section):
+    # Trainer hook: "none" (export only), "command" (run argv) or "http"
+    # (POST the manifest).
+    hook: str = "none"
+    # argv template for hook=command; {dataset_dir}, {output_dir},
+    # {base_version} and {update_id} are substituted per argument.
+    command: list[str] = Field(default_factory=list)
+    # URL for hook=http, and how many times a failed POST is retried.
+    http_url: str = ""
+    http_retries: int = Field(default=3, ge=0)
+    # A training run longer than this is killed and recorded as failed.
+    timeout_seconds: float = Field(default=3600.0, gt=0)
+    # The version traffic starts on; empty: the first model_version seen in
+    # PRIMARY traffic becomes the stable version.
+    base_version: str = ""
+
+    @field_validator("hook")
+    @classmethod
+    def _check_hook(cls, value: str) -> str:
+        if value not in ("none", "command", "http"):
+            raise ValueError(f"must be one of none, command, http; got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_hook_args(self) -> TrainingConfig:
+        if self.hook == "command" and not self.command:
+            raise ValueError("command: hook=command needs an argv template")
+        if self.hook == "http" and not self.http_url.startswith(("http://", "https://")):
+            raise ValueError("http_url: hook=http needs an http(s):// URL")
+        return self
+
+
 # -- control channel (sidecar/control) -----------------------------------------
 
 
@@ -166,6 +294,9 @@ class SidecarConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    learning: LearningConfig = Field(default_factory=LearningConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
 
 
