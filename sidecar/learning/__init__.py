@@ -1,0 +1,57 @@
+"""Learning: what to learn from, what to remember, when to ask.
+
+Selective learning values samples; memory consolidation keeps a diverse
+episodic memory per task and replays it; the holdout is never trained on;
+active learning decides when to ask a user for feedback.
+"""
+
+from sidecar.learning._active import (
+    ActiveLearner,
+    ActiveLearningServicer,
+    FeedbackAnswerProcessor,
+    FeedbackDecision,
+)
+from sidecar.learning._holdout import HeldOutSample, HoldoutSet, RegressionPrompt, RegressionSuite
+from sidecar.learning._memory import (
+    ConsolidationResult,
+    MemoryConsolidation,
+    MemoryItem,
+    fifo_memory,
+    k_center_select,
+)
+from sidecar.learning._selective import (
+    CandidateSample,
+    SelectiveLearner,
+    ValuedSample,
+    ValueFeatures,
+)
+from sidecar.learning._vectors import (
+    HashedNgramVectorizer,
+    TextVectorizer,
+    check_logprobs,
+    uncertainty,
+)
+
+__all__ = [
+    "ActiveLearner",
+    "ActiveLearningServicer",
+    "CandidateSample",
+    "ConsolidationResult",
+    "FeedbackAnswerProcessor",
+    "FeedbackDecision",
+    "HashedNgramVectorizer",
+    "HeldOutSample",
+    "HoldoutSet",
+    "MemoryConsolidation",
+    "MemoryItem",
+    "RegressionPrompt",
+    "RegressionSuite",
+    "SelectiveLearner",
+    "TextVectorizer",
+    "ValueFeatures",
+    "ValuedSample",
+    "check_logprobs",
+    "fifo_memory",
+    "k_center_select",
+    "uncertainty",
+]
