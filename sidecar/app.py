@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import grpc
 from atlas_sidecar_client.pb import (
     active_learning_pb2,
+    active_learning_pb2_grpc,
     admin_pb2,
     admin_pb2_grpc,
     control_pb2,
@@ -28,6 +29,17 @@ from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
 from sidecar.config import SidecarConfig
 from sidecar.errors import PortInUseError
 from sidecar.ingest import IngestServicer
+from sidecar.learning import (
+    ActiveLearner,
+    ActiveLearningServicer,
+    FeedbackAnswerProcessor,
+    HashedNgramVectorizer,
+    HoldoutSet,
+    MemoryConsolidation,
+    RegressionSuite,
+    SelectiveLearner,
+    SelectiveReplayComposer,
+)
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
 from sidecar.web import WebServer
 
@@ -65,9 +77,34 @@ class SidecarApp:
         # Stages that read the event log register processors here before start.
         self.processors = ProcessorRunner(self.store, self.writer, [])
         self.handlers.status["processing"] = self.processors.status
+
+        # -- what to learn from, what to remember, when to ask ------------------
+        # Memory and the holdout form the regression suite validation probes
+        # with; the composer is the learning batch's selection + replay step.
+        vectorizer = HashedNgramVectorizer(
+            config.selective.vector_dim, config.selective.ngram_sizes
+        )
+        self.memory = MemoryConsolidation(self.store, config.memory, vectorizer)
+        self.selective = SelectiveLearner(self.store, config.selective, self.memory)
+        self.holdout = HoldoutSet(self.store, config.holdout)
+        self.regression = RegressionSuite(self.store, self.holdout, self.memory)
+        self.composer = SelectiveReplayComposer(self.selective, self.memory, self.holdout)
+        self.active = ActiveLearner(
+            config.active_learning, config.selective.uncertainty, store=self.store
+        )
+        self.active_servicer = ActiveLearningServicer(
+            self.active,
+            max_id_bytes=config.ingest.max_id_bytes,
+            max_logprobs=config.ingest.max_logprobs,
+        )
+        self.processors.add(FeedbackAnswerProcessor(self.active, self.store))
+        self.handlers.status["selective"] = self.selective.status
+        self.handlers.status["memory"] = self.memory.status
+        self.handlers.status["holdout"] = self.holdout.status
+        self.handlers.status["active_learning"] = self.active.status
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
-        self.stages: list[Stage] = []
+        self.stages: list[Stage] = [self.active]
         self.server: grpc.aio.Server | None = None
         self.web: WebServer | None = None
         self.ports: dict[str, int] = {}
@@ -122,6 +159,9 @@ class SidecarApp:
         )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.ingest, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
+        active_learning_pb2_grpc.add_ActiveLearningServiceServicer_to_server(
+            self.active_servicer, server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (

@@ -11,6 +11,12 @@ from sidecar.learning._active import (
     FeedbackAnswerProcessor,
     FeedbackDecision,
 )
+from sidecar.learning._compose import (
+    ComposedBatch,
+    ComposedRow,
+    SelectiveReplayComposer,
+    replay_count,
+)
 from sidecar.learning._holdout import HeldOutSample, HoldoutSet, RegressionPrompt, RegressionSuite
 from sidecar.learning._memory import (
     ConsolidationResult,
@@ -36,6 +42,8 @@ __all__ = [
     "ActiveLearner",
     "ActiveLearningServicer",
     "CandidateSample",
+    "ComposedBatch",
+    "ComposedRow",
     "ConsolidationResult",
     "FeedbackAnswerProcessor",
     "FeedbackDecision",
@@ -47,11 +55,13 @@ __all__ = [
     "RegressionPrompt",
     "RegressionSuite",
     "SelectiveLearner",
+    "SelectiveReplayComposer",
     "TextVectorizer",
     "ValueFeatures",
     "ValuedSample",
     "check_logprobs",
     "fifo_memory",
     "k_center_select",
+    "replay_count",
     "uncertainty",
 ]
