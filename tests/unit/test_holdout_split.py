@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_holdout_is_stratified_by_task_and_decided_once(store: Store) -> None:
         assert abs(c["held"] - 0.1 * c["offered"]) < 1.0, task
     # not a fixed rhythm: held-out positions are not every 10th sample
     held_idx = [i for i, x in enumerate(first) if x]
-    gaps = {b - a for a, b in zip(held_idx, held_idx[1:], strict=False)}
+    gaps = {b - a for a, b in itertools.pairwise(held_idx)}
     assert len(gaps) > 5
     assert h.status()["size"] == sum(first)
 

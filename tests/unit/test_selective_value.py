@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _values(store: Store, learner: SelectiveLearner, samples: list[CandidateSamp
 
 
 def _increasing(xs: list[float]) -> bool:
-    return all(a < b for a, b in zip(xs, xs[1:], strict=False))
+    return all(a < b for a, b in itertools.pairwise(xs))
 
 
 def test_selective_value_follows_uncertainty(store: Store) -> None:
