@@ -92,7 +92,7 @@ class ProcessorRunner:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {p.name: ProcessorStats() for p in self._processors}
-        self._idle = asyncio.Event()
+        self._stopping = False
 
     def add(self, processor: LogProcessor) -> None:
         if self._task is not None:
@@ -109,6 +109,7 @@ class ProcessorRunner:
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -136,7 +137,7 @@ class ProcessorRunner:
 
     async def _run(self) -> None:
         next_tick = time.monotonic()
-        while True:
+        while not self._stopping:
             try:
                 more = await self.run_once()
                 if time.monotonic() >= next_tick:
@@ -149,8 +150,11 @@ class ProcessorRunner:
                 more = False
                 await asyncio.sleep(0.5)
             if not more:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that races with the wakeup, and shutdown would hang.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._tick)
+                    async with asyncio.timeout(self._tick):
+                        await self._wakeup.wait()
                 self._wakeup.clear()
 
     async def tick_all(self, now_ms: int | None = None) -> None:
