@@ -27,7 +27,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lmdb
@@ -47,7 +47,8 @@ __all__ = [
     "k_center_select",
 ]
 
-_LEN = struct.Struct(">I")
+#: a stored sample: importance, length of the JSON header, then header and vector
+_HEAD = struct.Struct(">fI")
 _CURRENT = b"c"
 #: tasks whose memory Gram matrix is kept between consolidations (4 MB each at 1000)
 _GRAM_CACHE_TASKS = 8
@@ -129,23 +130,31 @@ def fifo_memory(task_ids: Sequence[str], capacity: int) -> list[int]:
 
 
 def _encode(item: MemoryItem, vector: npt.NDArray[np.float32]) -> bytes:
-    head = json.dumps(asdict(item), separators=(",", ":"), ensure_ascii=False).encode()
-    return _LEN.pack(len(head)) + head + vector.astype(np.float16).tobytes()
+    doc = {
+        "sample_id": item.sample_id,
+        "task_id": item.task_id,
+        "prompt": item.prompt,
+        "completion": item.completion,
+        "reward": item.reward,
+        "importance": item.importance,
+        "added_ms": item.added_ms,
+    }
+    head = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return _HEAD.pack(item.importance, len(head)) + head + vector.astype(np.float16).tobytes()
 
 
 def _decode_item(raw: bytes) -> MemoryItem:
-    (n,) = _LEN.unpack_from(raw)
-    return MemoryItem(**json.loads(raw[4 : 4 + n]))
+    _imp, n = _HEAD.unpack_from(raw)
+    return MemoryItem(**json.loads(raw[_HEAD.size : _HEAD.size + n]))
 
 
 def _decode_vector(raw: bytes) -> npt.NDArray[np.float16]:
-    (n,) = _LEN.unpack_from(raw)
-    return np.frombuffer(raw, dtype=np.float16, offset=4 + n)
+    _imp, n = _HEAD.unpack_from(raw)
+    return np.frombuffer(raw, dtype=np.float16, offset=_HEAD.size + n)
 
 
 def _importance(raw: bytes) -> float:
-    (n,) = _LEN.unpack_from(raw)
-    return float(json.loads(raw[4 : 4 + n])["importance"])
+    return float(_HEAD.unpack_from(raw)[0])
 
 
 class MemoryConsolidation:
@@ -324,7 +333,7 @@ class MemoryConsolidation:
             for i in keep_new:
                 it = items[i]
                 if it.added_ms == 0:
-                    it = MemoryItem(**{**asdict(it), "added_ms": now})
+                    it = replace(it, added_ms=now)
                 txn.put(b"m" + tk + id_key(it.sample_id), _encode(it, vectors[i]), db=db)
             added[task] = len(keep_new)
             evicted[task] = len(drop_old)

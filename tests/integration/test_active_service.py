@@ -25,6 +25,7 @@ from sidecar.config import load_config
 @pytest.fixture
 async def app(tmp_path: Path) -> AsyncIterator[SidecarApp]:
     cfg = load_config(
+        environ={},
         overrides={
             "server": {"listen": ["127.0.0.1:0"], "http_listen": ""},
             "store": {"data_dir": str(tmp_path / "data"), "map_size_bytes": 1 << 28},
@@ -33,7 +34,7 @@ async def app(tmp_path: Path) -> AsyncIterator[SidecarApp]:
                 "baseline_random_rate": 0.5,
                 "max_asks_per_user_per_hour": 2,
             },
-        }
+        },
     )
     a = SidecarApp(cfg)
     await a.start()
@@ -119,7 +120,7 @@ async def test_active_counters_survive_a_restart(tmp_path: Path) -> None:
         "store": {"data_dir": str(tmp_path / "data"), "map_size_bytes": 1 << 28},
     }
     for round_ in range(2):
-        a = SidecarApp(load_config(overrides=overrides))
+        a = SidecarApp(load_config(environ={}, overrides=overrides))
         await a.start()
         try:
             async with grpc.aio.insecure_channel(_target(a)) as ch:
@@ -139,7 +140,7 @@ async def test_active_lifecycle_shutdown_is_safe_before_start_and_twice(tmp_path
         "server": {"listen": ["127.0.0.1:0"], "http_listen": ""},
         "store": {"data_dir": str(tmp_path / "data")},
     }
-    a = SidecarApp(load_config(overrides=overrides))
+    a = SidecarApp(load_config(environ={}, overrides=overrides))
     await a.active.shutdown()
     await a.shutdown()
     await a.shutdown()
