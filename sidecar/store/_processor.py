@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -162,7 +163,7 @@ class ProcessorRunner:
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         for proc in self._processors:
             try:
-                await self._writer.run(lambda txn, p=proc: p.tick(txn, now))
+                await self._writer.run(functools.partial(_tick, proc, now_ms=now))
             except Exception:
                 log.exception("processor tick failed", extra={"processor": proc.name})
 
@@ -178,7 +179,7 @@ class ProcessorRunner:
             if start > last:
                 continue
             started = time.perf_counter()
-            n = await self._writer.run(lambda txn, p=proc, s=start: self._apply(txn, p, s))
+            n = await self._writer.run(functools.partial(self._apply, proc=proc, start=start))
             st.last_batch_seconds = time.perf_counter() - started
             st.batches += 1
             if n >= self._batch:
@@ -253,6 +254,10 @@ class ProcessorRunner:
                 for name, st in self.stats.items()
             },
         }
+
+
+def _tick(proc: LogProcessor, txn: lmdb.Transaction, now_ms: int) -> None:
+    proc.tick(txn, now_ms)
 
 
 def _parse(payload: bytes) -> events_pb2.Event:

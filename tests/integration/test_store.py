@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
-import time
 from pathlib import Path
 
 import lmdb
@@ -146,7 +146,7 @@ async def test_dedupe_window_forgets_old_ids_but_keeps_events(tmp_path: Path) ->
     await writer.start()
     try:
         writer.submit_events(items("d", 10)).result(5)
-        time.sleep(0.3)
+        await asyncio.sleep(0.3)
         res = await Retention(store, writer, c).run_once()
         assert (res.events_deleted, res.ids_deleted) == (0, 10)
         assert writer.submit_events(items("d", 10)).result(5).accepted == 10
