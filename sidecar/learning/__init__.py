@@ -11,6 +11,7 @@ from sidecar.learning._active import (
     FeedbackAnswerProcessor,
     FeedbackDecision,
 )
+from sidecar.learning._batch import SelectiveReplayStep
 from sidecar.learning._compose import (
     ComposedBatch,
     ComposedRow,
@@ -56,6 +57,7 @@ __all__ = [
     "RegressionSuite",
     "SelectiveLearner",
     "SelectiveReplayComposer",
+    "SelectiveReplayStep",
     "TextVectorizer",
     "ValueFeatures",
     "ValuedSample",
