@@ -9,6 +9,7 @@ the writer drained and the store closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, Protocol
 
@@ -42,6 +43,7 @@ from sidecar.learning import (
     RegressionSuite,
     SelectiveLearner,
     SelectiveReplayComposer,
+    learning_quality_report,
 )
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
 from sidecar.web import WebServer
@@ -125,6 +127,10 @@ class SidecarApp:
         self.handlers.status["memory"] = self.memory.status
         self.handlers.status["holdout"] = self.holdout.status
         self.handlers.status["active_learning"] = self.active.status
+        # for the learning report: memory per task, holdout size, ask/answer rates
+        self.learning_quality = functools.partial(
+            learning_quality_report, self.memory, self.holdout, self.active
+        )
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
         self.stages: list[Stage] = []

@@ -32,6 +32,7 @@ from sidecar.learning._selective import (
     ValuedSample,
     ValueFeatures,
 )
+from sidecar.learning._summary import learning_quality_report
 from sidecar.learning._vectors import (
     HashedNgramVectorizer,
     TextVectorizer,
@@ -64,6 +65,7 @@ __all__ = [
     "check_logprobs",
     "fifo_memory",
     "k_center_select",
+    "learning_quality_report",
     "replay_count",
     "uncertainty",
 ]

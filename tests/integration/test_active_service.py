@@ -112,6 +112,9 @@ async def test_active_service_decides_rejects_and_counts_answers(app: SidecarApp
         assert active["answer_rate"] == 0.5
         assert active["invalid"] == 3
         assert {"memory", "holdout", "selective"} <= set(details)
+        report = app.learning_quality()
+        assert report["ask_rate"] == 2 / 40 and report["answer_rate"] == 0.5
+        assert report["memory_size_per_task"] == {} and report["holdout_size"] == 0
 
 
 async def test_active_counters_survive_a_restart(tmp_path: Path) -> None:
