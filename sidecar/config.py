@@ -27,11 +27,15 @@ from sidecar.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "ActiveLearningConfig",
     "AdapterConfig",
     "ControlConfig",
+    "HoldoutConfig",
     "IngestConfig",
     "LearningConfig",
     "ScoringConfig",
+    "MemoryConfig",
+    "SelectiveConfig",
     "ServerConfig",
     "SidecarConfig",
     "StoreConfig",
@@ -247,6 +251,132 @@ class TrainingConfig(_Section):
         return self
 
 
+# -- selective learning, memory, holdout, active learning ---------------------
+
+
+class SelectiveConfig(_Section):
+    # Weights of each feature in a sample's value (normalized by their sum).
+    # Raising one makes the learning batch favour samples strong in it.
+    uncertainty_weight: float = Field(default=0.3, ge=0)
+    novelty_weight: float = Field(default=0.25, ge=0)
+    error_weight: float = Field(default=0.2, ge=0)
+    expertise_weight: float = Field(default=0.1, ge=0)
+    priority_weight: float = Field(default=0.15, ge=0)
+    # Samples below this value are not trained on. Higher trains on fewer,
+    # more informative samples; lower uses more of the data.
+    value_threshold: float = Field(default=0.3, ge=0, le=1)
+    # Most new samples per learning batch, highest value first (0: no cap).
+    # Bounds training time per update; the rest waits for the next update.
+    max_batch_samples: int = Field(default=1000, ge=0)
+    # How token log-probs become uncertainty: "nll" (1 - geometric mean token
+    # probability) or "entropy" (mean binary entropy of the chosen tokens).
+    uncertainty: Literal["nll", "entropy"] = "nll"
+    # Uncertainty assumed for a sample without log-probs (neither favoured
+    # nor penalized at 0.5).
+    default_uncertainty: float = Field(default=0.5, ge=0, le=1)
+    # Hashed character n-gram vectors for novelty and memory diversity:
+    # more dimensions mean fewer hash collisions and more memory per sample.
+    vector_dim: int = Field(default=1024, ge=8, le=65536)
+    ngram_sizes: list[int] = Field(default_factory=lambda: [3, 4], min_length=1)
+    # Attribute holding the score the model was expected to get; without it
+    # the expectation is the task's running mean reward (an EWMA with this
+    # weight on the newest sample: higher follows drift faster, noisier).
+    expected_score_attribute: str = "expected_score"
+    expected_score_alpha: float = Field(default=0.05, gt=0, le=1)
+    # User expertise: a number in [0, 1] or a level named in expertise_levels;
+    # missing or unknown counts as default_expertise.
+    expertise_attribute: str = "user_expertise"
+    expertise_levels: dict[str, float] = Field(
+        default_factory=lambda: {"novice": 0.2, "intermediate": 0.5, "expert": 1.0}
+    )
+    default_expertise: float = Field(default=0.5, ge=0, le=1)
+    # Task priority: a number in [0, 1] or a level named in priority_levels;
+    # task_priorities sets it per task_id when the attribute is missing.
+    priority_attribute: str = "priority"
+    priority_levels: dict[str, float] = Field(
+        default_factory=lambda: {"low": 0.2, "normal": 0.5, "high": 0.8, "critical": 1.0}
+    )
+    task_priorities: dict[str, float] = Field(default_factory=dict)
+    default_priority: float = Field(default=0.5, ge=0, le=1)
+
+    @field_validator("ngram_sizes")
+    @classmethod
+    def _check_ngrams(cls, value: list[int]) -> list[int]:
+        if any(n < 1 or n > 16 for n in value):
+            raise ValueError("every n-gram size must be between 1 and 16")
+        return value
+
+    @field_validator("expertise_levels", "priority_levels", "task_priorities")
+    @classmethod
+    def _check_levels(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, level in value.items():
+            if not 0.0 <= level <= 1.0:
+                raise ValueError(f"{key!r}: must be in [0, 1], got {level}")
+        return value
+
+
+class MemoryConfig(_Section):
+    # Samples remembered per task. More keeps more of the past for replay and
+    # regression checks; selection cost grows with it (quadratically).
+    capacity_per_task: int = Field(default=1000, ge=1, le=100_000)
+    # Share of replayed rows in each learning batch. Higher protects old
+    # tasks against forgetting; lower learns the new data faster.
+    replay_ratio: float = Field(default=0.5, ge=0, lt=1)
+    # Attribute naming a sample's task; samples without it share default_task.
+    task_attribute: str = "task_id"
+    default_task: str = "default"
+    # How much a sample's importance (its value) stretches its distance in the
+    # diversity selection: 0 keeps the most diverse set regardless of value,
+    # near 1 strongly favours valuable samples.
+    importance_weight: float = Field(default=0.5, ge=0, lt=1)
+
+
+class HoldoutConfig(_Section):
+    # Share of good samples per task set aside, never trained on, for
+    # validation. More gives a sharper regression check, less training data.
+    fraction: float = Field(default=0.1, ge=0, lt=1)
+    # Holdout samples kept per task (0: no cap). Past the cap every new
+    # sample goes to training.
+    max_per_task: int = Field(default=1000, ge=0)
+    # Share of regression prompts drawn from the holdout (the rest from
+    # memory): unseen data checks generalization, memory checks forgetting.
+    regression_holdout_share: float = Field(default=0.5, ge=0, le=1)
+
+
+class ActiveLearningConfig(_Section):
+    # Share of requests the sidecar tells the server to ask feedback for.
+    # More feedback vs more interruptions for users.
+    target_ask_rate: float = Field(default=0.1, gt=0, le=1)
+    # Asked at random whatever the uncertainty, so confident answers are
+    # checked too (part of the target rate, not on top of it).
+    baseline_random_rate: float = Field(default=0.02, ge=0, le=1)
+    # Most asks per user per hour; 0 disables the budget. Anonymous requests
+    # (no user_id) have no budget.
+    max_asks_per_user_per_hour: int = Field(default=5, ge=0)
+    # Streaming quantile: the threshold is that quantile of the last
+    # quantile_window uncertainties, recomputed every quantile_refresh calls.
+    # A longer window is steadier, a shorter one follows drift sooner.
+    quantile_window: int = Field(default=4096, ge=16)
+    quantile_refresh: int = Field(default=64, ge=1)
+    # Threshold used until min_observations uncertainties have been seen.
+    initial_threshold: float = Field(default=0.5, ge=0, le=1)
+    min_observations: int = Field(default=64, ge=1)
+    # How long an ask waits for its answer (feedback on the same request_id),
+    # and how many unanswered asks and known users are tracked at once.
+    answer_window_seconds: float = Field(default=86400, gt=0)
+    max_tracked_asks: int = Field(default=200_000, ge=1)
+    max_tracked_users: int = Field(default=100_000, ge=1)
+    # What the server shows the user, and the answers it offers.
+    message: str = "How would you rate this response?"
+    options: list[str] = Field(default_factory=lambda: ["Helpful", "Not helpful", "Needs fixing"])
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> ActiveLearningConfig:
+        if self.baseline_random_rate > self.target_ask_rate:
+            raise ValueError("baseline_random_rate must not exceed target_ask_rate")
+        return self
+
+
 # -- control channel (sidecar/control) -----------------------------------------
 
 
@@ -297,6 +427,10 @@ class SidecarConfig(_Section):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     learning: LearningConfig = Field(default_factory=LearningConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    selective: SelectiveConfig = Field(default_factory=SelectiveConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    holdout: HoldoutConfig = Field(default_factory=HoldoutConfig)
+    active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
 
 
