@@ -33,20 +33,20 @@ from sidecar.control import ControlChannel
 from sidecar.control.adapters import AdapterStage
 from sidecar.errors import PortInUseError
 from sidecar.ingest import IngestServicer
-from sidecar.learning import LearningScheduler
-from sidecar.scoring import FeedbackProcessor
 from sidecar.learning import (
     ActiveLearner,
     ActiveLearningServicer,
     FeedbackAnswerProcessor,
     HashedNgramVectorizer,
     HoldoutSet,
+    LearningScheduler,
     MemoryConsolidation,
     RegressionSuite,
     SelectiveLearner,
     SelectiveReplayComposer,
     learning_quality_report,
 )
+from sidecar.scoring import FeedbackProcessor
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
 from sidecar.training import ModelRegistry, TrainingStage
 from sidecar.web import WebServer

@@ -19,7 +19,6 @@ from sidecar.learning._compose import (
     replay_count,
 )
 from sidecar.learning._holdout import HeldOutSample, HoldoutSet, RegressionPrompt, RegressionSuite
-from sidecar.learning._scheduler import Decision, LearningScheduler, SchedulerState
 from sidecar.learning._memory import (
     ConsolidationResult,
     MemoryConsolidation,
@@ -27,6 +26,7 @@ from sidecar.learning._memory import (
     fifo_memory,
     k_center_select,
 )
+from sidecar.learning._scheduler import Decision, LearningScheduler, SchedulerState
 from sidecar.learning._selective import (
     CandidateSample,
     SelectiveLearner,
@@ -43,23 +43,23 @@ from sidecar.learning._vectors import (
 
 __all__ = [
     "ActiveLearner",
-    "Decision",
-    "LearningScheduler",
-    "SchedulerState",
     "ActiveLearningServicer",
     "CandidateSample",
     "ComposedBatch",
     "ComposedRow",
     "ConsolidationResult",
+    "Decision",
     "FeedbackAnswerProcessor",
     "FeedbackDecision",
     "HashedNgramVectorizer",
     "HeldOutSample",
     "HoldoutSet",
+    "LearningScheduler",
     "MemoryConsolidation",
     "MemoryItem",
     "RegressionPrompt",
     "RegressionSuite",
+    "SchedulerState",
     "SelectiveLearner",
     "SelectiveReplayComposer",
     "SelectiveReplayStep",
