@@ -79,7 +79,12 @@ class SyntheticTraffic:
     """Requests and feedback for the interval since the last call, split as the control plane says."""
 
     def __init__(
-        self, control: FakeControlPlane, clock: Clock, rps: float, feedback_rate: float, noise: float
+        self,
+        control: FakeControlPlane,
+        clock: Clock,
+        rps: float,
+        feedback_rate: float,
+        noise: float,
     ) -> None:
         self._control = control
         self._clock = clock
@@ -120,9 +125,12 @@ class SyntheticTraffic:
 JUDGES: dict[str, Callable[[CanaryConfig, Mapping[str, Any] | None], CanaryJudge]] = {
     "sequential": lambda cfg, st: SequentialJudge(cfg, st),
     "seed": lambda cfg, st: SeedRuleJudge(0.05, st),
-    "fixed": lambda cfg, st: FixedThresholdJudge(max_failed=FIXED_N, state=st),
+    "fixed": lambda cfg, st: FixedThresholdJudge(
+        interval_seconds_batches=FIXED["batches"], max_failed=FIXED["n"], state=st
+    ),
 }
-FIXED_N = 5
+#: Fixed-threshold baseline: one check per minute, roll back after 5 failed checks.
+FIXED = {"batches": 2, "n": 5}
 
 
 @dataclass
@@ -149,16 +157,22 @@ async def run_judge(
             "max_dwell_seconds": 3600,
         },
     )
-    store = Store(StoreConfig(data_dir=tmp / judge, sync=False))
+    store = Store(StoreConfig(data_dir=tmp / judge, sync=False, commit_window_ms=0))
     store.open()
-    writer = StoreWriter(store, StoreConfig(data_dir=tmp / judge, sync=False))
+    writer = StoreWriter(store, StoreConfig(data_dir=tmp / judge, sync=False, commit_window_ms=0))
     await writer.start()
     control = FakeControlPlane()
     clock = Clock()
     traffic = SyntheticTraffic(control, clock, args.rps, args.feedback_rate, args.noise)
     engine = RolloutEngine(
-        store, writer, control, cfg, clock=clock, source=traffic,
-        judge_factory=JUDGES[judge], autorun=False,
+        store,
+        writer,
+        control,
+        cfg,
+        clock=clock,
+        source=traffic,
+        judge_factory=JUDGES[judge],
+        autorun=False,
     )
     await engine.start()
     outcomes: list[Outcome] = []
@@ -217,17 +231,22 @@ def summarize(outs: list[Outcome], rollback_s: list[float]) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=100, help="seeded runs per candidate kind")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--runs", type=int, default=50, help="seeded runs per candidate kind")
     p.add_argument("--rps", type=float, default=50.0, help="requests per second (all traffic)")
-    p.add_argument("--feedback-rate", type=float, default=0.3, help="share of requests with feedback")
+    p.add_argument(
+        "--feedback-rate", type=float, default=0.3, help="share of requests with feedback"
+    )
     p.add_argument("--noise", type=float, default=1.0, help="scale of latency and reward noise")
     p.add_argument("--dwell", type=float, default=300.0, help="min dwell per stage, seconds")
     p.add_argument("--min-samples", type=int, default=100, help="candidate requests per stage")
-    p.add_argument("--tick", type=float, default=10.0, help="seconds between evaluations")
+    p.add_argument("--tick", type=float, default=30.0, help="seconds between evaluations")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    FIXED["batches"] = max(1, round(60 / args.tick))
     started = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,6 +279,7 @@ def main() -> int:
             )
         print(f"  {kind:<15}" + "   ".join(cells))
     s = results["sequential"]
+
     # The one comparable figure: runs decided correctly (good promoted, bad caught
     # by 10 %), sequential judge vs the better of the two baselines, same runs.
     def correct(r: dict[str, Any]) -> float:

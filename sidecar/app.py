@@ -26,8 +26,10 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
 from sidecar.config import SidecarConfig
+from sidecar.control import ControlPlane
 from sidecar.errors import PortInUseError
 from sidecar.ingest import IngestServicer
+from sidecar.rollout import RolloutAdmin, RolloutEngine
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
 from sidecar.web import WebServer
 
@@ -68,6 +70,12 @@ class SidecarApp:
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
         self.stages: list[Stage] = []
+        # -- rollout engine (sidecar/rollout) --------------------------------
+        # Drives the control plane; observes the log for the active rollout.
+        # ``self.control`` is the control channel once it is part of the build;
+        # until then rollouts answer that no control plane is configured.
+        self.control: ControlPlane | None = None
+        self.rollouts: RolloutEngine | None = None
         self.server: grpc.aio.Server | None = None
         self.web: WebServer | None = None
         self.ports: dict[str, int] = {}
@@ -90,6 +98,7 @@ class SidecarApp:
         try:
             await self.writer.start()
             await self.retention.start()
+            self._wire_rollouts()
             for stage in self.stages:
                 await stage.start()
             await self.processors.start()
@@ -110,6 +119,20 @@ class SidecarApp:
                 "data_dir": str(self.store.data_dir),
             },
         )
+
+    def _wire_rollouts(self) -> None:
+        """Adds the rollout engine when a control plane exists (before stages start)."""
+        if self.control is None or self.rollouts is not None:
+            return
+        self.rollouts = RolloutEngine(self.store, self.writer, self.control, self.config.rollout)
+        self.processors.add(self.rollouts.observer)
+        self.stages.append(self.rollouts)
+        self.handlers.rollouts = RolloutAdmin(self.rollouts)
+        self.handlers.status["rollout"] = self.rollouts.status
+
+    def rollout_active(self) -> bool:
+        """For the learning scheduler: True while a rollout is in progress."""
+        return self.rollouts is not None and self.rollouts.rollout_active()
 
     async def _start_grpc(self) -> None:
         cfg = self.config.server

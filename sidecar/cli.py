@@ -3,6 +3,7 @@
 atlas-sidecar serve [--config FILE] [--listen ADDR] [--http-listen ADDR] [--data-dir DIR]
 atlas-sidecar status [--target ADDR] [--json]
 atlas-sidecar validate-config FILE
+atlas-sidecar rollout start|promote|abort|rollback|list
 atlas-sidecar demo
 """
 
@@ -31,6 +32,15 @@ see config.example.yaml for every key with its default and what it trades off
 EXTRA_COMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 ] = {}
+
+
+def _register_extra() -> None:
+    from sidecar.rollout._cli import register as register_rollout
+
+    register_rollout(EXTRA_COMMANDS)
+
+
+_register_extra()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ stops the daemon before it binds a port, with a message naming the key
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -159,7 +160,7 @@ class ShadowConfig(_Section):
 class CanaryConfig(_Section):
     # Candidate's share of traffic per stage, in percent, ascending. Reaching
     # 100 is the promotion (there is no stable traffic left to compare with).
-    stages_percent: list[float] = Field(default_factory=lambda: [1, 5, 10, 25, 50, 100])
+    stages_percent: list[float] = Field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0, 100.0])
     # Each stage lasts at least this long and until min_samples candidate
     # requests were seen. Longer and larger means more evidence, slower rollouts.
     min_dwell_seconds: float = Field(default=300.0, ge=0)
@@ -195,7 +196,7 @@ class CanaryConfig(_Section):
             raise ValueError("at least one stage is required")
         if any(not 0 < v <= 100 for v in value):
             raise ValueError("every stage must be in (0, 100]")
-        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError("stages must be strictly ascending")
         return value
 

@@ -39,5 +39,5 @@ class RolloutAdmin:
         return (await self._engine.rollback(request.rollout_id, request.reason)).to_proto()
 
     async def list(self, request: admin_pb2.ListRolloutsRequest) -> admin_pb2.ListRolloutsResponse:
-        recs = self._engine.list(request.limit)
+        recs = self._engine.list_rollouts(request.limit)
         return admin_pb2.ListRolloutsResponse(rollouts=[r.to_proto() for r in recs])

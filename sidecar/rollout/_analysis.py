@@ -192,7 +192,9 @@ class SequentialJudge:
 class SeedRuleJudge:
     """The seed's rule: at the end of a stage, roll back if the error rate is above 0.05."""
 
-    def __init__(self, max_error_rate: float = 0.05, state: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, max_error_rate: float = 0.05, state: Mapping[str, Any] | None = None
+    ) -> None:
         self.max_error_rate = max_error_rate
         self.counts = _Counts()
         if state:

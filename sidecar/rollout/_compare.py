@@ -44,10 +44,13 @@ class Comparator(Protocol):
 
 
 class NormalizedExact:
+    """Equal word sequences after normalization (case, width, spacing, punctuation)."""
+
     name = "exact"
 
     def similarity(self, stable: str, candidate: str) -> float:
-        return 1.0 if normalize(stable) == normalize(candidate) else 0.0
+        a = _TOKEN.findall(normalize(stable))
+        return 1.0 if a == _TOKEN.findall(normalize(candidate)) else 0.0
 
 
 class TokenJaccard:

@@ -20,7 +20,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import lmdb
@@ -44,7 +44,7 @@ from sidecar.rollout._observe import (
     obs_prefix,
     probe_answers,
 )
-from sidecar.rollout._record import ACTIVE_STATES, RolloutRecord, Transition
+from sidecar.rollout._record import RolloutRecord, Transition
 from sidecar.rollout._sequential import RateRatioTest
 from sidecar.store import Store, StoreWriter, append_history
 
@@ -320,7 +320,7 @@ class RolloutEngine:
             raw = txn.get(_rec_key(rollout_id), db=self._store.db("rollouts"))
         return RolloutRecord.from_json(bytes(raw)) if raw else None
 
-    def list(self, limit: int = 0) -> list[RolloutRecord]:
+    def list_rollouts(self, limit: int = 0) -> list[RolloutRecord]:
         """Rollouts, newest first (the active one as it is in memory)."""
         with self._store.read() as txn:
             out = self._scan(txn, limit)
@@ -468,7 +468,9 @@ class RolloutEngine:
 
             def sim(answers: list[dict[str, Any]]) -> float:
                 vals = [
-                    0.0 if a["error"] else self._probe_cmp.similarity(refs[a["index"]], a["response"])
+                    0.0
+                    if a["error"]
+                    else self._probe_cmp.similarity(refs[a["index"]], a["response"])
                     for a in answers
                     if a["index"] < len(refs) and refs[a["index"]]
                 ]
@@ -514,7 +516,9 @@ class RolloutEngine:
         dwelt = now - rec.state_started_ms >= s.min_dwell_seconds * 1000
         if dwelt and n >= s.min_samples:
             if agreement < s.min_agreement:
-                await self._end(rec, "ROLLED_BACK", f"shadow: agreement {agreement:.3f} too low", ev)
+                await self._end(
+                    rec, "ROLLED_BACK", f"shadow: agreement {agreement:.3f} too low", ev
+                )
             elif ratio > s.max_latency_p99_ratio:
                 await self._end(rec, "ROLLED_BACK", f"shadow: latency p99 ratio {ratio:.2f}", ev)
             else:
@@ -565,7 +569,9 @@ class RolloutEngine:
         verdict = self._judge.verdict(stage_complete=complete, final_stage=last)
         evidence = dict(verdict.evidence, stage_samples=samples)
         if verdict.harm is not None:
-            await self._end(rec, "ROLLED_BACK", f"guardrail {verdict.harm}: candidate worse", evidence)
+            await self._end(
+                rec, "ROLLED_BACK", f"guardrail {verdict.harm}: candidate worse", evidence
+            )
         elif complete and verdict.safe:
             await self._enter_stage(
                 rec, rec.stage_index + 1, f"stage {rec.stage_index} passed", evidence
@@ -585,7 +591,10 @@ class RolloutEngine:
             verdict = self._judge.verdict(stage_complete=False, final_stage=False)
             if verdict.harm is not None:
                 await self._end(
-                    rec, "ROLLED_BACK", f"guardrail {verdict.harm}: candidate worse", verdict.evidence
+                    rec,
+                    "ROLLED_BACK",
+                    f"guardrail {verdict.harm}: candidate worse",
+                    verdict.evidence,
                 )
 
     async def _inconclusive(
@@ -723,7 +732,9 @@ class RolloutEngine:
         if rec.hooks_pending:
             await self._run_hooks(rec)
 
-    def _outcome_doc(self, rec: RolloutRecord, reason: str, ev: Mapping[str, Any]) -> dict[str, Any]:
+    def _outcome_doc(
+        self, rec: RolloutRecord, reason: str, ev: Mapping[str, Any]
+    ) -> dict[str, Any]:
         c, s = ev.get("candidate_score"), ev.get("stable_score")
         total = ev.get("total", {})
         return {
@@ -761,24 +772,27 @@ class RolloutEngine:
         version = rec.unload_version
         current = self._control.desired()
         rec.unload_version = ""
-        if current is not None and version in current.loaded and not any(
-            r.version == version and r.weight_bps for r in current.routes
+        in_use = self._active is not None and version in (
+            self._active.candidate,
+            self._active.stable,
+        )
+        if (
+            current is not None
+            and version in current.loaded
+            and not in_use
+            and not any(r.version == version and r.weight_bps for r in current.routes)
         ):
-            if self._active is None or version not in (
-                self._active.candidate,
-                self._active.stable,
-            ):
-                await self._control.apply(
-                    DesiredState(
-                        revision=current.revision + 1,
-                        loaded=current.loaded - {version},
-                        routes=current.routes,
-                        stable_version=current.stable_version,
-                        shadow=current.shadow,
-                        lease_seconds=current.lease_seconds,
-                        artifacts={k: v for k, v in current.artifacts.items() if k != version},
-                    )
+            await self._control.apply(
+                DesiredState(
+                    revision=current.revision + 1,
+                    loaded=current.loaded - {version},
+                    routes=current.routes,
+                    stable_version=current.stable_version,
+                    shadow=current.shadow,
+                    lease_seconds=current.lease_seconds,
+                    artifacts={k: v for k, v in current.artifacts.items() if k != version},
                 )
+            )
         if not rec.hooks_pending:
             self._retiring.pop(rec.rollout_id, None)
         await self._save(rec)
@@ -806,7 +820,7 @@ class RolloutEngine:
         self,
         rec: RolloutRecord,
         *,
-        history: list[tuple[str, dict[str, Any]]] = (),  # type: ignore[assignment]
+        history: Sequence[tuple[str, dict[str, Any]]] = (),
         now: int | None = None,
     ) -> None:
         if rec.active and self._judge is not None and rec.state in ("CANARY", "PAUSED"):
@@ -842,17 +856,14 @@ class RolloutEngine:
         db = self._store.db("rollouts")
         with txn.cursor(db=db) as cur:
             ok = cur.set_range(prefix)
-            while ok and cur.key().startswith(prefix):
+            while ok and bytes(cur.key()).startswith(prefix):
                 ok = cur.delete()
 
     def _scan(self, txn: lmdb.Transaction, limit: int) -> list[RolloutRecord]:
         out: list[RolloutRecord] = []
         with txn.cursor(db=self._store.db("rollouts")) as cur:
-            if not cur.set_range(_REC + b"\xff"):
-                ok = cur.last()
-            else:
-                ok = cur.prev()
-            while ok and cur.key().startswith(_REC):
+            ok = cur.prev() if cur.set_range(_REC + b"\xff") else cur.last()
+            while ok and bytes(cur.key()).startswith(_REC):
                 out.append(RolloutRecord.from_json(bytes(cur.value())))
                 if limit and len(out) >= limit:
                     break
@@ -860,7 +871,7 @@ class RolloutEngine:
         return out
 
     def _last_promoted(self) -> RolloutRecord | None:
-        for rec in self.list(50):
+        for rec in self.list_rollouts(50):
             if rec.state == "PROMOTED":
                 return rec
         return None

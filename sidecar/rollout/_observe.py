@@ -149,7 +149,9 @@ class RolloutObserver:
         elif kind == "feedback":
             self._feedback(txn, db, seq, event.feedback)
 
-    def _inference(self, txn: lmdb.Transaction, db: Any, seq: int, inf: events_pb2.Inference) -> None:
+    def _inference(
+        self, txn: lmdb.Transaction, db: Any, seq: int, inf: events_pb2.Inference
+    ) -> None:
         role = inf.role or events_pb2.PRIMARY
         if role == events_pb2.PROBE:
             probe_id = inf.attributes.get("probe_id", "")
@@ -164,7 +166,11 @@ class RolloutObserver:
                 }
                 txn.put(_probe_key(probe_id, int(idx)), json.dumps(doc).encode(), db=db)
             return
-        if role == events_pb2.PRIMARY and inf.model_version == self.stable_version and not inf.error:
+        if (
+            role == events_pb2.PRIMARY
+            and inf.model_version == self.stable_version
+            and not inf.error
+        ):
             self._remember(self._recent, inf.request_id, (inf.prompt, inf.response))
         v = self.view
         if v is None:
@@ -212,7 +218,7 @@ class RolloutObserver:
 
     def _add_good(self, txn: lmdb.Transaction, db: Any, case: tuple[str, str]) -> None:
         raw = txn.get(_GOOD_COUNT, db=db)
-        n = decode_u64(raw) if raw else 0
+        n = decode_u64(bytes(raw)) if raw else 0
         doc = {"prompt": case[0], "reference": case[1]}
         txn.put(_GOOD + encode_u64(n % self._pool), json.dumps(doc).encode(), db=db)
         txn.put(_GOOD_COUNT, encode_u64(n + 1), db=db)
@@ -237,7 +243,7 @@ class StoredObservations:
         with self._store.read() as txn, txn.cursor(db=self._store.db("rollouts")) as cur:
             ok = cur.set_range(prefix + encode_u64(cursor + 1))
             while ok:
-                key = cur.key()
+                key = bytes(cur.key())
                 if not key.startswith(prefix):
                     break
                 last = decode_u64(key[len(prefix) :])
@@ -270,12 +276,12 @@ class StoredObservations:
 def probe_answers(store: Store, probe_id: str) -> list[dict[str, Any]]:
     """Stored answers of one probe, by index order."""
     prefix = b"p/" + probe_id.encode() + b"/"
-    out = []
+    out: list[dict[str, Any]] = []
     with store.read() as txn, txn.cursor(db=store.db("rollouts")) as cur:
         ok = cur.set_range(prefix)
-        while ok and cur.key().startswith(prefix):
+        while ok and bytes(cur.key()).startswith(prefix):
             doc = json.loads(bytes(cur.value()))
-            doc["index"] = struct.unpack(">I", cur.key()[len(prefix) :])[0]
+            doc["index"] = struct.unpack(">I", bytes(cur.key())[len(prefix) :])[0]
             out.append(doc)
             ok = cur.next()
     return out
@@ -288,10 +294,10 @@ class RecentGoodAnswers:
         self._store = store
 
     def cases(self, limit: int) -> list[RegressionCase]:
-        out = []
+        out: list[RegressionCase] = []
         with self._store.read() as txn, txn.cursor(db=self._store.db("rollouts")) as cur:
             ok = cur.set_range(_GOOD)
-            while ok and cur.key().startswith(_GOOD) and len(out) < limit:
+            while ok and bytes(cur.key()).startswith(_GOOD) and len(out) < limit:
                 doc = json.loads(bytes(cur.value()))
                 out.append(RegressionCase(doc["prompt"], doc.get("reference", "")))
                 ok = cur.next()

@@ -85,7 +85,7 @@ class RolloutRecord:
         return self.state in ACTIVE_STATES
 
     def to_json(self) -> bytes:
-        doc = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        doc = {name: getattr(self, name) for name in self.__slots__}
         doc["transitions"] = [asdict(t) for t in self.transitions]
         return json.dumps(doc, sort_keys=True, default=str).encode()
 

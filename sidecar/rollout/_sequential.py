@@ -151,7 +151,9 @@ class MeanDifferenceTest:
         self.sum_stable = 0.0
         self.n_stable = 0
 
-    def update(self, candidate: Sequence[float] | np.ndarray, stable: Sequence[float] | np.ndarray) -> None:
+    def update(
+        self, candidate: Sequence[float] | np.ndarray, stable: Sequence[float] | np.ndarray
+    ) -> None:
         c = np.asarray(candidate, dtype=float)
         s = np.asarray(stable, dtype=float)
         self.sum_candidate += float(c.sum())

@@ -35,9 +35,7 @@ class FakeControlPlane:
 
     async def apply(self, desired: DesiredState) -> None:
         if self._desired is not None and desired.revision <= self._desired.revision:
-            raise ValueError(
-                f"revision {desired.revision} is not above {self._desired.revision}"
-            )
+            raise ValueError(f"revision {desired.revision} is not above {self._desired.revision}")
         self._desired = desired
         self.history.append(desired)
         self.applied_at.append(time.perf_counter())
