@@ -701,6 +701,11 @@ class RolloutEngine:
         if apply:
             current = self._control.desired()
             rec.revision = max(rec.revision, current.revision if current else 0) + 1
+            # The control channel also knows revisions replicas report (after a
+            # restore from an older backup, say); a split must be newer than all.
+            next_revision = getattr(self._control, "next_revision", None)
+            if callable(next_revision):
+                rec.revision = max(rec.revision, int(next_revision()))
             desired = self._desired(rec, rec.revision)
         if not rec.active:
             self._active = None

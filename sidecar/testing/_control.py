@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sidecar.control import DesiredState
+from sidecar.control._channel import validate_desired
 
 __all__ = ["FakeControlPlane", "SentProbe"]
 
@@ -34,6 +35,7 @@ class FakeControlPlane:
     _desired: DesiredState | None = None
 
     async def apply(self, desired: DesiredState) -> None:
+        validate_desired(desired)
         if self._desired is not None and desired.revision <= self._desired.revision:
             raise ValueError(f"revision {desired.revision} is not above {self._desired.revision}")
         self._desired = desired
