@@ -11,6 +11,7 @@ import (
 
 	"github.com/google/uuid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -129,7 +130,14 @@ type EventStream struct {
 // starts the background sender. It fails only on bad options.
 func NewEventStream(target string, opts EventStreamOptions) (*EventStream, error) {
 	opts = opts.withDefaults()
-	dial := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, opts.DialOptions...)
+	dial := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// The channel's own reconnect backoff (1 s growing to 120 s by
+		// default) would leave a restarted sidecar unused for minutes.
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
+			BaseDelay: opts.BackoffInitial, Multiplier: 1.6, Jitter: 0.2, MaxDelay: opts.BackoffMax,
+		}}),
+	}, opts.DialOptions...)
 	conn, err := grpc.NewClient(target, dial...)
 	if err != nil {
 		return nil, fmt.Errorf("atlassidecar: target %q: %w", target, err)
@@ -400,7 +408,9 @@ func (s *EventStream) connLoop() {
 func (s *EventStream) runStream() (gotAck bool, err error) {
 	ctx, cancel := context.WithCancel(s.ctx)
 	defer cancel()
-	stream, err := s.client.StreamEvents(ctx)
+	// WaitForReady: while the sidecar is away the call waits for the channel
+	// instead of failing at once and spinning through reconnects.
+	stream, err := s.client.StreamEvents(ctx, grpc.WaitForReady(true))
 	if err != nil {
 		return false, err
 	}
