@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -48,13 +49,7 @@ func RouteBucket(bucket uint32, split *pb.SetTrafficSplit) string {
 			return r.GetVersion()
 		}
 	}
-	if v := split.GetStableVersion(); v != "" {
-		return v
-	}
-	if len(routes) > 0 {
-		return routes[0].GetVersion()
-	}
-	return ""
+	return FallbackVersion(split)
 }
 
 // Mirrors reports whether a bucket is mirrored to the split's shadow version.
@@ -74,7 +69,7 @@ type Decision struct {
 	// Bucket is the request's routing bucket in [0, 10000).
 	Bucket uint32
 	// Fallback is true when the lease ran out and the router answers with
-	// the stable version instead of the split.
+	// the split's stable version instead of the split.
 	Fallback bool
 }
 
@@ -82,17 +77,18 @@ type Decision struct {
 // split the sidecar pushed last (SetTrafficSplit). It is safe for concurrent
 // use and costs one SHA-256 and a read lock per request.
 //
-// A split with lease_seconds > 0 holds only while the sidecar is heard from:
-// every Apply and Renew extends the lease; once it has run out the router
-// sends all traffic to the stable version and mirrors nothing, until the
-// sidecar is back.
+// Lease: while the sidecar is connected the split holds. After SidecarLost,
+// once the split's lease_seconds have passed without SidecarConnected, every
+// request goes to the split's stable version and nothing is mirrored, until
+// the sidecar is back. A split with lease_seconds 0 never falls back.
 type Router struct {
 	mu        sync.RWMutex
 	split     *pb.SetTrafficSplit
-	heard     time.Time
-	fallback  string
+	def       string
 	now       func() time.Time
-	haveSplit bool
+	lostAt    time.Time
+	lost      bool
+	fallbacks atomic.Uint64
 }
 
 // RouterOption configures a Router.
@@ -106,37 +102,63 @@ func WithClock(now func() time.Time) RouterOption {
 // NewRouter returns a router that sends everything to defaultVersion until
 // the first split arrives.
 func NewRouter(defaultVersion string, opts ...RouterOption) *Router {
-	r := &Router{fallback: defaultVersion, now: time.Now}
+	r := &Router{def: defaultVersion, now: time.Now}
 	for _, o := range opts {
 		o(r)
 	}
 	return r
 }
 
-// Apply installs a split and renews the lease. A split whose revision is
-// older than the one installed is ignored (Apply returns false); the same
-// revision again only renews the lease. The split is copied.
+// Apply installs a copy of split unless a split of an equal or newer
+// (non-zero) revision is installed: splits are idempotent by revision. It
+// reports whether the split was installed.
 func (r *Router) Apply(split *pb.SetTrafficSplit) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.haveSplit && split.GetRevision() < r.split.GetRevision() {
+	if cur := r.split; cur != nil && cur.GetRevision() != 0 && split.GetRevision() <= cur.GetRevision() {
 		return false
 	}
 	r.split = proto.Clone(split).(*pb.SetTrafficSplit)
-	r.haveSplit = true
-	r.heard = r.now()
-	if v := stableOf(r.split); v != "" {
-		r.fallback = v
-	}
 	return true
 }
 
-// Renew records that the sidecar was heard from (a directive, or the control
-// stream being up), which extends the lease of the current split.
-func (r *Router) Renew() {
+// SidecarConnected stops the lease clock: the split holds again.
+func (r *Router) SidecarConnected() {
 	r.mu.Lock()
-	r.heard = r.now()
+	r.lost = false
 	r.mu.Unlock()
+}
+
+// SidecarLost starts the lease clock; a second call keeps the first time.
+func (r *Router) SidecarLost() {
+	r.mu.Lock()
+	if !r.lost {
+		r.lost, r.lostAt = true, r.now()
+	}
+	r.mu.Unlock()
+}
+
+// LeaseExpired reports whether the sidecar has been gone for longer than
+// the installed split's lease.
+func (r *Router) LeaseExpired() bool {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.expiredLocked()
+}
+
+func (r *Router) expiredLocked() bool {
+	lease := r.split.GetLeaseSeconds()
+	return r.split != nil && r.lost && lease > 0 && r.now().Sub(r.lostAt) > time.Duration(lease)*time.Second
+}
+
+// Split returns a copy of the installed split (nil: none yet).
+func (r *Router) Split() *pb.SetTrafficSplit {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if r.split == nil {
+		return nil
+	}
+	return proto.Clone(r.split).(*pb.SetTrafficSplit)
 }
 
 // Revision is the revision of the installed split (0: none).
@@ -146,23 +168,21 @@ func (r *Router) Revision() uint64 {
 	return r.split.GetRevision()
 }
 
-// StableVersion is the version served when the lease runs out.
-func (r *Router) StableVersion() string {
-	r.mu.RLock()
-	defer r.mu.RUnlock()
-	return r.fallback
-}
+// Fallbacks counts the requests routed to the stable version because the
+// lease ran out.
+func (r *Router) Fallbacks() uint64 { return r.fallbacks.Load() }
 
 // Route decides where a request goes; see StickyKey for which id is used.
 func (r *Router) Route(requestID, sessionID, userID string) Decision {
 	b := Bucket(StickyKey(requestID, sessionID, userID))
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	if !r.haveSplit {
-		return Decision{Version: r.fallback, Bucket: b}
+	if r.split == nil {
+		return Decision{Version: r.def, Bucket: b}
 	}
-	if lease := r.split.GetLeaseSeconds(); lease > 0 && r.now().Sub(r.heard) > time.Duration(lease)*time.Second {
-		return Decision{Version: r.fallback, Bucket: b, Fallback: true}
+	if r.lost && r.expiredLocked() {
+		r.fallbacks.Add(1)
+		return Decision{Version: FallbackVersion(r.split), Bucket: b, Fallback: true}
 	}
 	d := Decision{Version: RouteBucket(b, r.split), Bucket: b}
 	if Mirrors(b, r.split) {
@@ -172,16 +192,12 @@ func (r *Router) Route(requestID, sessionID, userID string) Decision {
 	return d
 }
 
-// stableOf is the version a split falls back to: its stable_version, else
-// its first route with weight, else its first route.
-func stableOf(split *pb.SetTrafficSplit) string {
+// FallbackVersion is the version a split falls back to, when its weights do
+// not cover a bucket or its lease ran out: its stable_version, else its first
+// route's version.
+func FallbackVersion(split *pb.SetTrafficSplit) string {
 	if v := split.GetStableVersion(); v != "" {
 		return v
-	}
-	for _, r := range split.GetRoutes() {
-		if r.GetWeightBps() > 0 {
-			return r.GetVersion()
-		}
 	}
 	if rs := split.GetRoutes(); len(rs) > 0 {
 		return rs[0].GetVersion()

@@ -93,21 +93,25 @@ func TestLeaseFallsBackToStable(t *testing.T) {
 		t.Fatalf("before any split: %+v", d)
 	}
 	r.Apply(canarySplit(1, 30))
+	clock.Advance(time.Hour)
 	if d := r.Route("req", "", ""); d.Version != "v2" || !d.Mirror || d.MirrorVersion != "v3" {
-		t.Fatalf("inside the lease: %+v", d)
+		t.Fatalf("while connected the split holds, however long: %+v", d)
 	}
-	clock.Advance(30 * time.Second)
-	if d := r.Route("req", "", ""); d.Version != "v2" {
+	r.SidecarLost()
+	clock.Advance(20 * time.Second)
+	r.SidecarLost() // a second call keeps the first time
+	clock.Advance(10 * time.Second)
+	if d := r.Route("req", "", ""); d.Version != "v2" || r.LeaseExpired() {
 		t.Fatalf("at the lease's end the split still holds: %+v", d)
 	}
 	clock.Advance(time.Second)
 	d := r.Route("req", "", "")
-	if d.Version != "v1" || !d.Fallback || d.Mirror {
-		t.Fatalf("after the lease: %+v", d)
+	if d.Version != "v1" || !d.Fallback || d.Mirror || !r.LeaseExpired() || r.Fallbacks() != 1 {
+		t.Fatalf("after the lease: %+v (fallbacks %d)", d, r.Fallbacks())
 	}
-	r.Renew()
+	r.SidecarConnected()
 	if d := r.Route("req", "", ""); d.Version != "v2" || d.Fallback {
-		t.Fatalf("after renewal: %+v", d)
+		t.Fatalf("after reconnecting: %+v", d)
 	}
 }
 
@@ -115,6 +119,7 @@ func TestNoLeaseNeverFallsBack(t *testing.T) {
 	clock := &fakeClock{t: time.Unix(1_700_000_000, 0)}
 	r := NewRouter("v0", WithClock(clock.Now))
 	r.Apply(canarySplit(1, 0))
+	r.SidecarLost()
 	clock.Advance(1000 * time.Hour)
 	if d := r.Route("req", "", ""); d.Version != "v2" || d.Fallback {
 		t.Fatalf("a split without a lease holds: %+v", d)
@@ -126,26 +131,32 @@ func TestLeaseFallbackWithoutStableVersion(t *testing.T) {
 	r := NewRouter("v0", WithClock(clock.Now))
 	r.Apply(&pb.SetTrafficSplit{
 		Revision:     1,
-		Routes:       []*pb.Route{{Version: "gone", WeightBps: 0}, {Version: "v5", WeightBps: 10000}},
+		Routes:       []*pb.Route{{Version: "v4", WeightBps: 0}, {Version: "v5", WeightBps: 10000}},
 		LeaseSeconds: 5,
 	})
+	r.SidecarLost()
 	clock.Advance(6 * time.Second)
-	if d := r.Route("req", "", ""); d.Version != "v5" || !d.Fallback {
-		t.Fatalf("fallback is the first weighted route: %+v", d)
+	if d := r.Route("req", "", ""); d.Version != "v4" || !d.Fallback {
+		t.Fatalf("fallback is the first route: %+v", d)
 	}
 }
 
-func TestOlderRevisionIgnored(t *testing.T) {
+func TestOlderOrSameRevisionIgnored(t *testing.T) {
 	r := NewRouter("v0")
 	if !r.Apply(canarySplit(5, 0)) {
 		t.Fatal("first split refused")
 	}
-	older := &pb.SetTrafficSplit{Revision: 4, Routes: []*pb.Route{{Version: "old", WeightBps: 10000}}}
-	if r.Apply(older) {
-		t.Fatal("an older revision was applied")
+	for _, rev := range []uint64{4, 5} {
+		other := &pb.SetTrafficSplit{Revision: rev, Routes: []*pb.Route{{Version: "old", WeightBps: 10000}}}
+		if r.Apply(other) {
+			t.Fatalf("revision %d was applied over revision 5", rev)
+		}
 	}
 	if d := r.Route("req", "", ""); d.Version != "v2" || r.Revision() != 5 {
-		t.Fatalf("older split changed routing: %+v rev %d", d, r.Revision())
+		t.Fatalf("an older split changed routing: %+v rev %d", d, r.Revision())
+	}
+	if !r.Apply(canarySplit(6, 0)) || r.Revision() != 6 {
+		t.Fatal("a newer split was refused")
 	}
 }
 

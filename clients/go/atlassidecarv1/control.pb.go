@@ -182,7 +182,11 @@ type Applied struct {
 	DirectiveId string                 `protobuf:"bytes,1,opt,name=directive_id,json=directiveId,proto3" json:"directive_id,omitempty"`
 	Ok          bool                   `protobuf:"varint,2,opt,name=ok,proto3" json:"ok,omitempty"`
 	// Why it failed, when ok is false.
-	Error         string `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	Error string `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	// The traffic-split revision the server applies after this directive. A
+	// server that already had a newer split reports that one, so the sidecar
+	// knows the older split was ignored rather than applied.
+	SplitRevision uint64 `protobuf:"varint,4,opt,name=split_revision,json=splitRevision,proto3" json:"split_revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -236,6 +240,13 @@ func (x *Applied) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *Applied) GetSplitRevision() uint64 {
+	if x != nil {
+		return x.SplitRevision
+	}
+	return 0
 }
 
 // Directive is one command to the inference server. Every directive is
@@ -729,11 +740,12 @@ const file_atlas_sidecar_v1_control_proto_rawDesc = "" +
 	"\tserver_id\x18\x01 \x01(\tR\bserverId\x12'\n" +
 	"\x0floaded_versions\x18\x02 \x03(\tR\x0eloadedVersions\x12%\n" +
 	"\x0esplit_revision\x18\x03 \x01(\x04R\rsplitRevision\x12\"\n" +
-	"\fcapabilities\x18\x04 \x03(\tR\fcapabilities\"R\n" +
+	"\fcapabilities\x18\x04 \x03(\tR\fcapabilities\"y\n" +
 	"\aApplied\x12!\n" +
 	"\fdirective_id\x18\x01 \x01(\tR\vdirectiveId\x12\x0e\n" +
 	"\x02ok\x18\x02 \x01(\bR\x02ok\x12\x14\n" +
-	"\x05error\x18\x03 \x01(\tR\x05error\"\xc6\x02\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\x12%\n" +
+	"\x0esplit_revision\x18\x04 \x01(\x04R\rsplitRevision\"\xc6\x02\n" +
 	"\tDirective\x12!\n" +
 	"\fdirective_id\x18\x01 \x01(\tR\vdirectiveId\x12<\n" +
 	"\n" +

@@ -17,6 +17,7 @@ export {
   BUCKETS,
   bucket,
   type Decision,
+  fallbackVersion,
   mirrors,
   routeBucket,
   Router,

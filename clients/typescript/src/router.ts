@@ -35,10 +35,7 @@ export function routeBucket(b: number, split: SetTrafficSplit): string {
       return r.version;
     }
   }
-  if (split.stableVersion) {
-    return split.stableVersion;
-  }
-  return split.routes.length > 0 ? split.routes[0].version : "";
+  return fallbackVersion(split);
 }
 
 /** Whether a bucket is mirrored to the split's shadow version. */
@@ -72,89 +69,96 @@ export interface RouterOptions {
  * Decides which model version serves each request from the traffic split the
  * sidecar pushed last (SetTrafficSplit).
  *
- * A split with `leaseSeconds > 0` holds only while the sidecar is heard from:
- * every `apply` and `renew` extends the lease; once it has run out the router
- * sends all traffic to the stable version and mirrors nothing, until the
- * sidecar is back.
+ * Lease: while the sidecar is connected the split holds. After
+ * `sidecarLost()`, once the split's `leaseSeconds` have passed without
+ * `sidecarConnected()`, every request goes to the split's stable version and
+ * nothing is mirrored, until the sidecar is back. A split with
+ * `leaseSeconds` 0 never falls back.
  */
 export class Router {
-  private split: SetTrafficSplit | undefined;
-  private heardMs = 0;
-  private fallbackVersion: string;
+  /** Requests routed to the stable version because the lease ran out. */
+  fallbacks = 0;
+  private current: SetTrafficSplit | undefined;
+  private lostAtMs: number | undefined;
+  private readonly defaultVersion: string;
   private readonly now: () => number;
 
   /** Sends everything to `defaultVersion` until the first split arrives. */
   constructor(defaultVersion: string, options: RouterOptions = {}) {
-    this.fallbackVersion = defaultVersion;
+    this.defaultVersion = defaultVersion;
     this.now = options.now ?? Date.now;
   }
 
   /**
-   * Installs a split (copied) and renews the lease. A split whose revision is
-   * older than the installed one is ignored and `apply` returns false; the
-   * same revision again only renews the lease.
+   * Installs a copy of `split` unless a split of an equal or newer (non-zero)
+   * revision is installed: splits are idempotent by revision. Returns whether
+   * the split was installed.
    */
   apply(split: SetTrafficSplit): boolean {
-    const next = SetTrafficSplitCodec.fromPartial(split);
-    if (this.split !== undefined && next.revision < this.split.revision) {
+    const cur = this.current;
+    if (cur !== undefined && cur.revision !== 0 && split.revision <= cur.revision) {
       return false;
     }
-    this.split = next;
-    this.heardMs = this.now();
-    const stable = stableOf(next);
-    if (stable) {
-      this.fallbackVersion = stable;
-    }
+    this.current = SetTrafficSplitCodec.fromPartial(split);
     return true;
   }
 
-  /** Records that the sidecar was heard from, extending the current split's lease. */
-  renew(): void {
-    this.heardMs = this.now();
+  /** Stops the lease clock: the split holds again. */
+  sidecarConnected(): void {
+    this.lostAtMs = undefined;
+  }
+
+  /** Starts the lease clock; a second call keeps the first time. */
+  sidecarLost(): void {
+    this.lostAtMs ??= this.now();
+  }
+
+  /** Whether the sidecar has been gone for longer than the installed split's lease. */
+  get leaseExpired(): boolean {
+    const split = this.current;
+    const lost = this.lostAtMs;
+    if (split === undefined || lost === undefined || split.leaseSeconds <= 0) {
+      return false;
+    }
+    return this.now() - lost > split.leaseSeconds * 1000;
+  }
+
+  /** A copy of the installed split (undefined: none yet). */
+  get split(): SetTrafficSplit | undefined {
+    return this.current === undefined ? undefined : SetTrafficSplitCodec.fromPartial(this.current);
   }
 
   /** The revision of the installed split (0: none). */
   get revision(): number {
-    return this.split?.revision ?? 0;
-  }
-
-  /** The version served when the lease runs out. */
-  get stableVersion(): string {
-    return this.fallbackVersion;
+    return this.current?.revision ?? 0;
   }
 
   /** Decides where a request goes; see `stickyKey` for which id is used. */
   route(requestId: string, sessionId = "", userId = ""): Decision {
     const b = bucket(stickyKey(requestId, sessionId, userId));
-    const split = this.split;
-    const decision: Decision = {
-      version: this.fallbackVersion,
-      mirror: false,
-      mirrorVersion: "",
+    const split = this.current;
+    if (split === undefined) {
+      return { version: this.defaultVersion, mirror: false, mirrorVersion: "", bucket: b, fallback: false };
+    }
+    if (this.lostAtMs !== undefined && this.leaseExpired) {
+      this.fallbacks++;
+      return { version: fallbackVersion(split), mirror: false, mirrorVersion: "", bucket: b, fallback: true };
+    }
+    const mirror = mirrors(b, split);
+    return {
+      version: routeBucket(b, split),
+      mirror,
+      mirrorVersion: mirror ? (split.shadow?.version ?? "") : "",
       bucket: b,
       fallback: false,
     };
-    if (split === undefined) {
-      return decision;
-    }
-    if (split.leaseSeconds > 0 && this.now() - this.heardMs > split.leaseSeconds * 1000) {
-      decision.fallback = true;
-      return decision;
-    }
-    decision.version = routeBucket(b, split);
-    if (mirrors(b, split)) {
-      decision.mirror = true;
-      decision.mirrorVersion = split.shadow?.version ?? "";
-    }
-    return decision;
   }
 }
 
-/** A split's fallback: its stable_version, else its first weighted route, else its first route. */
-function stableOf(split: SetTrafficSplit): string {
-  if (split.stableVersion) {
-    return split.stableVersion;
-  }
-  const weighted = split.routes.find((r) => r.weightBps > 0);
-  return weighted?.version ?? split.routes[0]?.version ?? "";
+/**
+ * The version a split falls back to, when its weights do not cover a bucket
+ * or its lease ran out: its stable_version, else its first route's version.
+ */
+export function fallbackVersion(split: SetTrafficSplit): string {
+  return split.stableVersion || (split.routes[0]?.version ?? "");
 }

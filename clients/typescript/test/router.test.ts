@@ -50,23 +50,29 @@ function canarySplit(revision: number, leaseSeconds: number): SetTrafficSplit {
 test("the lease runs out: traffic falls back to the stable version", () => {
   let now = 1_700_000_000_000;
   const router = new Router("v0", { now: () => now });
-  assert.deepEqual(
-    { version: router.route("req").version, fallback: router.route("req").fallback },
-    { version: "v0", fallback: false },
-  );
-  router.apply(canarySplit(1, 30));
   let d = router.route("req");
-  assert.equal(d.version, "v2");
+  assert.equal(d.version, "v0");
+  assert.equal(d.fallback, false);
+  router.apply(canarySplit(1, 30));
+  now += 3600_000;
+  d = router.route("req");
+  assert.equal(d.version, "v2", "while connected the split holds, however long");
   assert.equal(d.mirror, true);
   assert.equal(d.mirrorVersion, "v3");
-  now += 30_000;
+  router.sidecarLost();
+  now += 20_000;
+  router.sidecarLost(); // a second call keeps the first time
+  now += 10_000;
   assert.equal(router.route("req").version, "v2", "the split holds until the lease's end");
+  assert.equal(router.leaseExpired, false);
   now += 1000;
   d = router.route("req");
   assert.equal(d.version, "v1");
   assert.equal(d.fallback, true);
   assert.equal(d.mirror, false, "nothing is mirrored on fallback");
-  router.renew();
+  assert.equal(router.leaseExpired, true);
+  assert.equal(router.fallbacks, 1);
+  router.sidecarConnected();
   d = router.route("req");
   assert.equal(d.version, "v2");
   assert.equal(d.fallback, false);
@@ -76,36 +82,42 @@ test("a split without a lease never falls back", () => {
   let now = 0;
   const router = new Router("v0", { now: () => now });
   router.apply(canarySplit(1, 0));
+  router.sidecarLost();
   now += 1000 * 3600 * 1000;
   assert.equal(router.route("req").version, "v2");
 });
 
-test("without a stable version the fallback is the first weighted route", () => {
+test("without a stable version the fallback is the first route", () => {
   let now = 0;
   const router = new Router("v0", { now: () => now });
   router.apply(
     SetTrafficSplit.fromPartial({
       revision: 1,
       routes: [
-        { version: "gone", weightBps: 0 },
+        { version: "v4", weightBps: 0 },
         { version: "v5", weightBps: 10000 },
       ],
       leaseSeconds: 5,
     }),
   );
+  router.sidecarLost();
   now += 6000;
   const d = router.route("req");
-  assert.equal(d.version, "v5");
+  assert.equal(d.version, "v4");
   assert.equal(d.fallback, true);
 });
 
-test("an older revision is ignored, and the split is copied", () => {
+test("an older or equal revision is ignored, and the split is copied", () => {
   const router = new Router("v0");
   const split = canarySplit(5, 0);
   assert.ok(router.apply(split));
   split.routes[0].version = "mutated";
-  const older = SetTrafficSplit.fromPartial({ revision: 4, routes: [{ version: "old", weightBps: 10000 }] });
-  assert.equal(router.apply(older), false);
+  for (const revision of [4, 5]) {
+    const other = SetTrafficSplit.fromPartial({ revision, routes: [{ version: "old", weightBps: 10000 }] });
+    assert.equal(router.apply(other), false, `revision ${revision} applied over 5`);
+  }
   assert.equal(router.revision, 5);
   assert.equal(router.route("req").version, "v2");
+  assert.ok(router.apply(canarySplit(6, 0)));
+  assert.equal(router.revision, 6);
 });

@@ -45,6 +45,12 @@ export interface Applied {
   ok: boolean;
   /** Why it failed, when ok is false. */
   error: string;
+  /**
+   * The traffic-split revision the server applies after this directive. A
+   * server that already had a newer split reports that one, so the sidecar
+   * knows the older split was ignored rather than applied.
+   */
+  splitRevision: number;
 }
 
 /**
@@ -339,7 +345,7 @@ export const Hello: MessageFns<Hello> = {
 };
 
 function createBaseApplied(): Applied {
-  return { directiveId: "", ok: false, error: "" };
+  return { directiveId: "", ok: false, error: "", splitRevision: 0 };
 }
 
 export const Applied: MessageFns<Applied> = {
@@ -352,6 +358,9 @@ export const Applied: MessageFns<Applied> = {
     }
     if (message.error !== "") {
       writer.uint32(26).string(message.error);
+    }
+    if (message.splitRevision !== 0) {
+      writer.uint32(32).uint64(message.splitRevision);
     }
     return writer;
   },
@@ -393,6 +402,14 @@ export const Applied: MessageFns<Applied> = {
             message.error = reader.string();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.splitRevision = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -414,6 +431,11 @@ export const Applied: MessageFns<Applied> = {
         : "",
       ok: isSet(object.ok) ? globalThis.Boolean(object.ok) : false,
       error: isSet(object.error) ? globalThis.String(object.error) : "",
+      splitRevision: isSet(object.splitRevision)
+        ? globalThis.Number(object.splitRevision)
+        : isSet(object.split_revision)
+        ? globalThis.Number(object.split_revision)
+        : 0,
     };
   },
 
@@ -428,6 +450,9 @@ export const Applied: MessageFns<Applied> = {
     if (message.error !== "") {
       obj.error = message.error;
     }
+    if (message.splitRevision !== 0) {
+      obj.splitRevision = Math.round(message.splitRevision);
+    }
     return obj;
   },
 
@@ -439,6 +464,7 @@ export const Applied: MessageFns<Applied> = {
     message.directiveId = object.directiveId ?? "";
     message.ok = object.ok ?? false;
     message.error = object.error ?? "";
+    message.splitRevision = object.splitRevision ?? 0;
     return message;
   },
 };
