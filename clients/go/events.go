@@ -113,9 +113,14 @@ type EventStream struct {
 	mu      sync.Mutex
 	unacked []*pb.EventBatch // sent or waiting to be sent, oldest first
 	sent    int              // how many of unacked went out on the current stream
-	changed chan struct{}    // closed and replaced whenever unacked or pending changes
-	pending int              // recorded, not yet acked or dropped
+	changed chan struct{}    // closed and replaced when unacked changes or pending falls
 	closed  bool
+
+	// pending counts events recorded and not yet acked or dropped. It rises
+	// on the hot path without the lock; it falls only under the lock, with
+	// a notification, which is all Flush needs.
+	pending    atomic.Int64
+	closedFlag atomic.Bool
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -192,7 +197,11 @@ func (s *EventStream) Record(ev *pb.Event) string {
 		ev.Time = timestamppb.Now()
 	}
 	s.recorded.Add(1)
-	s.addPending(1)
+	if s.closedFlag.Load() {
+		s.dropped.Add(1)
+		return ev.EventId
+	}
+	s.pending.Add(1)
 	select {
 	case s.queue <- ev:
 		return ev.EventId
@@ -200,9 +209,9 @@ func (s *EventStream) Record(ev *pb.Event) string {
 	}
 	if s.opts.DropPolicy == DropOldest {
 		select {
-		case <-s.queue:
+		case <-s.queue: // the oldest leaves, the new one takes its place
 			s.dropped.Add(1)
-			s.addPending(-1)
+			s.pending.Add(-1)
 		default:
 		}
 		select {
@@ -212,15 +221,13 @@ func (s *EventStream) Record(ev *pb.Event) string {
 		}
 	}
 	s.dropped.Add(1)
-	s.addPending(-1)
+	s.fallPending(1)
 	return ev.EventId
 }
 
 // Pending is the number of events recorded and not yet acked or dropped.
 func (s *EventStream) Pending() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.pending
+	return int(s.pending.Load())
 }
 
 // Stats returns a snapshot of the counters.
@@ -247,7 +254,7 @@ func (s *EventStream) Flush(ctx context.Context) error {
 		default:
 		}
 		s.mu.Lock()
-		done, closed, ch := s.pending == 0, s.closed, s.changed
+		done, closed, ch := s.pending.Load() <= 0, s.closed, s.changed
 		s.mu.Unlock()
 		if done {
 			return nil
@@ -274,6 +281,7 @@ func (s *EventStream) Close(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	flushErr := s.Flush(ctx)
+	s.closedFlag.Store(true)
 	s.mu.Lock()
 	s.closed = true
 	s.notifyLocked()
@@ -282,8 +290,7 @@ func (s *EventStream) Close(ctx context.Context) error {
 	s.wg.Wait()
 	_ = s.conn.Close()
 	s.mu.Lock()
-	lost := s.pending
-	s.pending = 0
+	lost := s.pending.Swap(0)
 	s.mu.Unlock()
 	if lost > 0 {
 		s.dropped.Add(uint64(lost))
@@ -292,9 +299,9 @@ func (s *EventStream) Close(ctx context.Context) error {
 	return nil
 }
 
-func (s *EventStream) addPending(n int) {
+func (s *EventStream) fallPending(n int) {
 	s.mu.Lock()
-	s.pending += n
+	s.pending.Add(int64(-n))
 	s.notifyLocked()
 	s.mu.Unlock()
 }
@@ -475,7 +482,7 @@ func (s *EventStream) retire(ack *pb.IngestAck) {
 	if s.sent > 0 {
 		s.sent--
 	}
-	s.pending -= n
+	s.pending.Add(int64(-n))
 	s.ackedEvents.Add(uint64(n))
 	s.notifyLocked()
 }

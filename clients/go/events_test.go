@@ -183,5 +183,12 @@ func TestEventStreamBoundedWhenSidecarIsDown(t *testing.T) {
 		if st := s.Stats(); st.Dropped != 1000 {
 			t.Fatalf("policy %d: undelivered events not counted at close: %+v", policy, st)
 		}
+		s.RecordFeedback(&pb.Feedback{RequestId: "late"})
+		if st := s.Stats(); st.Dropped != 1001 || s.Pending() != 0 {
+			t.Fatalf("policy %d: an event recorded after close: %+v, pending %d", policy, st, s.Pending())
+		}
+		if err := s.Flush(context.Background()); err != nil {
+			t.Fatalf("policy %d: flush after close: %v", policy, err)
+		}
 	}
 }

@@ -6,6 +6,8 @@ import {
   Metadata,
   type ServiceError,
 } from "@grpc/grpc-js";
+import { randomFillSync } from "node:crypto";
+
 import { v7 as uuidv7 } from "uuid";
 
 import {
@@ -60,9 +62,36 @@ export interface EventStreamStats {
   lastError: string;
 }
 
-/** A new UUIDv7: time ordered, so the sidecar's dedupe index is written in key order. */
+// uuid's own v7() asks crypto.getRandomValues for 16 bytes per id, about
+// 10 us on Node 20: more than the rest of a record call. The ids here keep
+// uuid's layout and its monotonic sequence (the same steps as its
+// updateV7State) but draw random bytes from a pool filled 4 KiB at a time.
+const randomPool = new Uint8Array(4096);
+let randomPos = randomPool.length;
+const v7State = { msecs: -Infinity, seq: 0 };
+
+/**
+ * A new UUIDv7: time ordered and strictly increasing within this process, so
+ * the sidecar's dedupe index is written in key order.
+ */
 export function newEventId(): string {
-  return uuidv7();
+  if (randomPos + 16 > randomPool.length) {
+    randomFillSync(randomPool);
+    randomPos = 0;
+  }
+  const random = randomPool.subarray(randomPos, randomPos + 16);
+  randomPos += 16;
+  const now = Date.now();
+  if (now > v7State.msecs) {
+    v7State.msecs = now;
+    v7State.seq = ((random[6] & 0x7f) << 24) | (random[7] << 16) | (random[8] << 8) | random[9];
+  } else {
+    v7State.seq = (v7State.seq + 1) | 0;
+    if (v7State.seq === 0) {
+      v7State.msecs++;
+    }
+  }
+  return uuidv7({ msecs: v7State.msecs, seq: v7State.seq, random });
 }
 
 /** A FIFO with O(1) push and shift. */
