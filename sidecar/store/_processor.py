@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +29,7 @@ from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
 from sidecar.store._retention import CURSOR_PREFIX
 from sidecar.store._writer import StoreWriter
+from sidecar.telemetry import instruments as ins
 
 __all__ = ["LogProcessor", "ProcessorRunner", "ProcessorStats", "read_cursor"]
 
@@ -174,8 +176,19 @@ class ProcessorRunner:
             if start > last:
                 continue
             started = time.perf_counter()
-            n = await self._writer.run(lambda txn, p=proc, s=start: self._apply(txn, p, s))
+            # One span per processor batch, continuing the trace of the ingest
+            # batch that wrote its first event; ``carry`` makes it current on
+            # the writer thread, so spans a processor opens (a trigger) join it.
+            with ins.log_batch_span(
+                "process.batch", start, min(last, start + self._batch - 1), processor=proc.name
+            ) as span:
+                apply: Callable[[lmdb.Transaction], int] = functools.partial(
+                    self._apply, proc=proc, start=start
+                )
+                n = await self._writer.run(ins.carry(apply))
+                span.set_attribute("events", n)
             st.last_batch_seconds = time.perf_counter() - started
+            ins.processor_batch(proc.name, n, st.last_batch_seconds)
             st.batches += 1
             if n >= self._batch:
                 more = True
