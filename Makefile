@@ -11,7 +11,7 @@ BUF := $(TOOLS)/bin/buf
 STAMP := $(VENV)/.installed
 PROTO_OUT := clients/python/atlas_sidecar_client/_proto
 
-.PHONY: install proto proto-check buf run demo test lint bench clean help
+.PHONY: install proto proto-check buf chromium run demo test lint bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -42,7 +42,10 @@ run: $(STAMP)  ## run the daemon with defaults (gRPC 127.0.0.1:50051, HTTP 127.0
 demo: $(STAMP)  ## the whole loop on one machine
 	$(VENV)/bin/atlas-sidecar demo
 
-test: $(STAMP)  ## every test (unit, integration, end-to-end)
+chromium:  ## headless Chromium for the dashboard's browser test (Debian package)
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+
+test: $(STAMP) chromium  ## every test (unit, integration, end-to-end)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP) $(BUF) proto-check  ## ruff, mypy --strict, buf lint, stale generated code
@@ -55,4 +58,4 @@ bench: $(STAMP)  ## benchmarks; each prints one comparable figure
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:  ## remove build output and local data (keeps .venv)
-	rm -rf var build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var build *.egg-info .pytest_cache .mypy_cache .ruff_cache test-artifacts
