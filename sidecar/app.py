@@ -83,6 +83,8 @@ class SidecarApp:
         )
         if self.telemetry.enabled:
             self.ingest.add_observer(self.telemetry.observe_ingest)
+        if self.telemetry.traffic is not None:
+            self.handlers.status["telemetry"] = self.telemetry.traffic.status
         self.monitor = LearningMonitor(self.store, config.telemetry)
         self.handlers.report = self.monitor
         # Stages started after the writer and before the servers, stopped in

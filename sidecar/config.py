@@ -133,6 +133,14 @@ class TelemetryConfig(_Section):
     # Requests remembered to attribute feedback to a model version. More
     # memory (about 100 bytes each) versus feedback counted as version "unknown".
     request_versions_kept: int = Field(default=100_000, ge=1000)
+    # Most of one core the traffic view (per-version metrics, the report's
+    # time series) may use while it is behind the log. Lower protects ingest
+    # during bursts; the view then lags longer before it catches up.
+    view_cpu_share: float = Field(default=0.03, gt=0, le=1)
+    # Events the view may fall behind before it skips ahead (counted in
+    # atlas_telemetry_view_skipped_events_total) instead of holding the log's
+    # retention back.
+    view_max_lag_events: int = Field(default=2_000_000, ge=10_000)
     # How often the dashboard polls /api/report and /api/rollout.
     dashboard_refresh_seconds: float = Field(default=5.0, ge=1.0)
 

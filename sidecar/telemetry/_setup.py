@@ -193,17 +193,12 @@ class Telemetry:
         health checks and reflection are not traced."""
         if not self.enabled or self.tracer_provider is None:
             return []
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+        from sidecar.telemetry._grpc import TraceContextInterceptor
 
-        excluded = [filters.service_name(s) for s in EXCLUDED_SERVICES]
         extra = self._env.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "")
-        excluded += [filters.service_name(s.strip()) for s in extra.split(",") if s.strip()]
-        return [
-            aio_server_interceptor(  # type: ignore[no-untyped-call]
-                tracer_provider=self.tracer_provider,
-                filter_=filters.negate(filters.any_of(*excluded)),
-            )
-        ]
+        excluded = [*EXCLUDED_SERVICES, *(s.strip() for s in extra.split(",") if s.strip())]
+        tracer = self.tracer_provider.get_tracer("atlas-sidecar.grpc", __version__)
+        return [TraceContextInterceptor(tracer, excluded)]
 
     # -- ingest ----------------------------------------------------------
 

@@ -54,6 +54,9 @@ FEEDBACK_KEY = b"telemetry/feedback"
 #: Reward histogram bins: [0, 0.1), [0.1, 0.2), ... [0.9, 1.0].
 BINS = 10
 
+#: Ingest counts as quiet after this long without a commit.
+_QUIET_S = 0.5
+
 _ROLE = {v: k for k, v in events_pb2.Role.items()}
 _SIGNAL = {v: k for k, v in events_pb2.Signal.items()}
 _PRIMARY = events_pb2.PRIMARY
@@ -85,6 +88,7 @@ class _Batch:
     bins: list[int] = field(default_factory=lambda: [0] * BINS)
     last_seq: int = 0
     events: int = 0
+    skipped: int = 0
 
 
 class TrafficView:
@@ -100,6 +104,10 @@ class TrafficView:
         min_interval_s: float = 0.25,
         table: WeightTable | None = None,
     ) -> None:
+        self._share = config.view_cpu_share
+        self._last_commit = 0.0
+        self._max_lag = config.view_max_lag_events
+        self.skipped = 0
         self._store = store
         self._writer = writer
         self._bucket_ms = int(config.report_bucket_seconds * 1000)
@@ -109,6 +117,12 @@ class TrafficView:
         self._interval = min_interval_s
         self._table = table or WeightTable()
         self._versions: OrderedDict[str, str] = OrderedDict()
+        #: Reward of feedback carrying only a signal, by signal (no rating).
+        self._rewards = {
+            sig: score_feedback((sig,), None, self._table).reward
+            for sig in events_pb2.Signal.values()
+            if sig != events_pb2.SIGNAL_UNSPECIFIED
+        }
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,12 +143,14 @@ class TrafficView:
                 await task
 
     def _on_commit(self, last_seq: int) -> None:
+        self._last_commit = time.monotonic()
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._wakeup.set)
 
     async def _run(self) -> None:
         while True:
+            started = time.perf_counter()
             try:
                 more = await self.run_once()
             except asyncio.CancelledError:
@@ -142,9 +158,17 @@ class TrafficView:
             except Exception:
                 log.exception("traffic view batch failed; retrying")
                 more = False
-            # Waiting a little between batches makes batches bigger under load:
-            # the cost per event falls as ingest rises.
-            await asyncio.sleep(0 if more else self._interval)
+            # While events are arriving the view is budgeted: after a batch that
+            # took t seconds it rests t * (1/share - 1), so it takes at most
+            # ``view_cpu_share`` of a core from ingest. Under a burst it falls
+            # behind (the lag is in the status) and catches up at full speed
+            # once ingest is quiet; resting also makes the next batch bigger.
+            spent = time.perf_counter() - started
+            busy = time.monotonic() - self._last_commit < _QUIET_S
+            if busy:
+                await asyncio.sleep(max(self._interval, spent * (1.0 / self._share - 1.0)))
+            elif more:
+                await asyncio.sleep(0)
             if not more:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
@@ -152,13 +176,24 @@ class TrafficView:
 
     async def run_once(self) -> bool:
         """Folds one batch of the log into the view. True when more is waiting."""
-        batch = self._read()
+        batch = await asyncio.to_thread(self._read)
         if batch is None:
             return False
         await self._writer.run(lambda txn: self._commit(txn, batch))
         self._record(batch)
         self.processed += batch.events
+        self.skipped += batch.skipped
         return batch.events >= self._batch
+
+    def status(self) -> dict[str, int]:
+        """The view's part of the daemon status."""
+        with self._store.read() as txn:
+            cursor = read_cursor(txn, self._store, NAME)
+        return {
+            "view_lag_events": max(0, self._writer.next_seq - cursor),
+            "view_processed": self.processed,
+            "view_skipped": self.skipped,
+        }
 
     async def wait_idle(self, within_s: float = 30.0) -> None:
         """Waits until the view has caught up with the log (tests, demo)."""
@@ -179,8 +214,14 @@ class TrafficView:
         bucket_ms = self._bucket_ms
         versions = self._versions
         parse = events_pb2.Event.FromString
+        rewards = self._rewards
         with store.read() as txn:
             start = read_cursor(txn, store, NAME)
+            behind = self._writer.next_seq - start
+            if behind > self._max_lag:
+                # Far behind (a long burst): skip rather than hold retention back.
+                b.skipped = behind - self._max_lag
+                start += b.skipped
             with txn.cursor(db=store.db("events")) as cur:
                 if not cur.set_range(encode_u64(start)):
                     return None
@@ -209,12 +250,13 @@ class TrafficView:
                     elif kind == "feedback":
                         fb = ev.feedback
                         version = versions.get(fb.request_id, "unknown")
-                        score = score_feedback(
-                            (fb.signal,), fb.rating if fb.HasField("rating") else None, self._table
-                        )
-                        if not score.has_feedback:
-                            continue
-                        reward = score.reward
+                        if fb.HasField("rating"):
+                            score = score_feedback((fb.signal,), fb.rating, self._table)
+                            reward = score.reward
+                        else:
+                            reward = rewards.get(fb.signal, -1.0)
+                            if reward < 0:
+                                continue
                         agg = b.traffic[(version, "PRIMARY")]
                         agg.feedback += 1
                         agg.rewards.append(reward)
@@ -225,7 +267,7 @@ class TrafficView:
                         b.bins[min(BINS - 1, int(reward * BINS))] += 1
                     if b.events >= self._batch:
                         break
-        if b.events == 0:
+        if b.events == 0 and not b.skipped:
             return None
         while len(versions) > self._max_requests:
             versions.popitem(last=False)
@@ -269,6 +311,7 @@ class TrafficView:
             txn.delete(key, db=meta)
 
     def _record(self, b: _Batch) -> None:
+        ins.view_batch(b.events, b.skipped)
         for (version, role), agg in b.traffic.items():
             if agg.requests:
                 ins.model_traffic(version, role, agg.requests, agg.errors, agg.latencies_s)

@@ -67,6 +67,7 @@ __all__ = [
     "trace_fields",
     "traceparent",
     "uninstall",
+    "view_batch",
 ]
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,11 @@ class Instruments:
             "atlas_telemetry_view_events",
             unit="1",
             description="Events folded into the traffic view",
+        )
+        self.telemetry_view_skipped = m.create_counter(
+            "atlas_telemetry_view_skipped_events",
+            unit="1",
+            description="Events the traffic view skipped when too far behind",
         )
 
 
@@ -408,6 +414,15 @@ def log_batch_span(
     attrs: dict[str, AttrValue | None] = {"first_seq": first_seq, **attributes}
     with span(name, parent=parent, links=contexts[1:], **attrs) as sp:  # type: ignore[arg-type]
         yield sp
+
+
+def view_batch(events: int, skipped: int) -> None:
+    def rec() -> None:
+        _current.telemetry_view_events.add(events)
+        if skipped:
+            _current.telemetry_view_skipped.add(skipped)
+
+    _guard(rec)
 
 
 def processor_batch(processor: str, events: int, seconds: float) -> None:

@@ -33,6 +33,7 @@ from sidecar.telemetry._logging import TraceContextFilter
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{CLIENT_SPAN}-01"
+STREAM_TRACE = "0af7651916cd43dd8448eb211c80319c"
 
 
 class TriggerOnBatch:
@@ -102,7 +103,14 @@ async def test_telemetry_one_traceparent_one_connected_trace(tmp_path: Path) -> 
                 events_pb2.EventBatch(events=[_event(i) for i in range(3)]),
                 metadata=(("traceparent", TRACEPARENT),),
             )
-        assert ack.accepted == 3
+            assert ack.accepted == 3
+            # A long-lived stream has no span of its own: each batch's span is
+            # a child of the producer's context.
+            stream = stub.StreamEvents(
+                iter([events_pb2.EventBatch(events=[_event(10 + i)]) for i in range(2)]),
+                metadata=(("traceparent", f"00-{STREAM_TRACE}-{CLIENT_SPAN}-01"),),
+            )
+            assert [a.accepted async for a in stream] == [1, 1]
         await app.processors.wait_idle()
 
         # A later stage (training, then rollout) continues from the stored entry.
@@ -127,8 +135,22 @@ async def test_telemetry_one_traceparent_one_connected_trace(tmp_path: Path) -> 
     spans = list(exporter.get_finished_spans())
     names = [s.name for s in spans]
     assert not any("Health" in n for n in names), names
-    server = _by_name(spans, "/atlas.sidecar.v1.IngestService/RecordEvents")
-    ingest = _by_name(spans, "ingest.batch")
+    server = _by_name(spans, "atlas.sidecar.v1.IngestService/RecordEvents")
+    ingest = next(
+        s
+        for s in spans
+        if s.name == "ingest.batch" and s.context and format(s.context.trace_id, "032x") == TRACE_ID
+    )
+    streamed = [
+        s
+        for s in spans
+        if s.name == "ingest.batch"
+        and s.context
+        and format(s.context.trace_id, "032x") == STREAM_TRACE
+    ]
+    assert len(streamed) == 2
+    for s in streamed:
+        assert s.parent is not None and format(s.parent.span_id, "016x") == CLIENT_SPAN
     process = next(
         s
         for s in spans
@@ -151,8 +173,8 @@ async def test_telemetry_one_traceparent_one_connected_trace(tmp_path: Path) -> 
     assert ingest.attributes["events"] == 3
     assert process.attributes is not None and process.attributes["events"] == 3
     # per batch, never per event
-    assert names.count("ingest.batch") == 1
-    assert names.count("learning.trigger") == 1
+    assert names.count("ingest.batch") == 3
+    assert not any("StreamEvents" in n for n in names)
 
 
 def test_telemetry_logs_carry_trace_ids_and_no_user_text() -> None:
