@@ -94,7 +94,7 @@ class ProcessorRunner:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {p.name: ProcessorStats() for p in self._processors}
-        self._idle = asyncio.Event()
+        self._stopping = False
 
     def add(self, processor: LogProcessor) -> None:
         if self._task is not None:
@@ -111,6 +111,7 @@ class ProcessorRunner:
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -138,7 +139,7 @@ class ProcessorRunner:
 
     async def _run(self) -> None:
         next_tick = time.monotonic()
-        while True:
+        while not self._stopping:
             try:
                 more = await self.run_once()
                 if time.monotonic() >= next_tick:
@@ -151,8 +152,11 @@ class ProcessorRunner:
                 more = False
                 await asyncio.sleep(0.5)
             if not more:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that races with the wakeup, and shutdown would hang.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._tick)
+                    async with asyncio.timeout(self._tick):
+                        await self._wakeup.wait()
                 self._wakeup.clear()
 
     async def tick_all(self, now_ms: int | None = None) -> None:
@@ -160,7 +164,7 @@ class ProcessorRunner:
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         for proc in self._processors:
             try:
-                await self._writer.run(lambda txn, p=proc: p.tick(txn, now))
+                await self._writer.run(functools.partial(_tick, proc, now_ms=now))
             except Exception:
                 log.exception("processor tick failed", extra={"processor": proc.name})
 
@@ -262,6 +266,10 @@ class ProcessorRunner:
                 for name, st in self.stats.items()
             },
         }
+
+
+def _tick(proc: LogProcessor, txn: lmdb.Transaction, now_ms: int) -> None:
+    proc.tick(txn, now_ms)
 
 
 def _parse(payload: bytes) -> events_pb2.Event:
