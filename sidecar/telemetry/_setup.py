@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 EXCLUDED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 
 _TRUE = {"1", "true", "yes", "on"}
+_ACCEPTED = {"outcome": "accepted"}
+_DUPLICATE = {"outcome": "duplicate"}
+_REJECTED = {"outcome": "rejected"}
 
 
 def _endpoint(env: Mapping[str, str], signal: str) -> str | None:
@@ -214,26 +217,27 @@ class Telemetry:
         if i is None:
             return
         rejected = len(ack.rejected)
-        start_ns = time.time_ns() - int(seconds * 1e9)
-        with ins.span(
-            "ingest.batch",
-            start_time_ns=start_ns,
-            events=len(batch.events),
-            accepted=ack.accepted,
-            duplicates=ack.duplicates,
-            rejected=rejected,
-            first_seq=result.first_seq if result and result.accepted else None,
-            last_seq=result.last_seq if result and result.accepted else None,
-        ) as sp:
-            if result is not None and result.accepted:
-                ins.remember_ingest(result.first_seq, result.last_seq, sp.get_span_context())
-        i.ingest_batches.add(1)
+        attrs: dict[str, int] = {
+            "events": len(batch.events),
+            "accepted": ack.accepted,
+            "duplicates": ack.duplicates,
+            "rejected": rejected,
+        }
+        if result is not None and result.accepted:
+            attrs["first_seq"], attrs["last_seq"] = result.first_seq, result.last_seq
+        # Started and ended here, never made current: nothing runs inside it.
+        sp = i.tracer.start_span(
+            "ingest.batch", attributes=attrs, start_time=time.time_ns() - int(seconds * 1e9)
+        )
+        sp.end()
+        if result is not None and result.accepted:
+            ins.remember_ingest(result.first_seq, result.last_seq, sp.get_span_context())
         if ack.accepted:
-            i.ingest_events.add(ack.accepted, {"outcome": "accepted"})
+            i.ingest_events.add(ack.accepted, _ACCEPTED)
         if ack.duplicates:
-            i.ingest_events.add(ack.duplicates, {"outcome": "duplicate"})
+            i.ingest_events.add(ack.duplicates, _DUPLICATE)
         if rejected:
-            i.ingest_events.add(rejected, {"outcome": "rejected"})
+            i.ingest_events.add(rejected, _REJECTED)
         i.ingest_commit.record(seconds)
 
     # -- metrics ---------------------------------------------------------

@@ -56,6 +56,10 @@ BINS = 10
 
 #: Ingest counts as quiet after this long without a commit.
 _QUIET_S = 0.5
+#: Most view time banked while idle, spent at the start of a burst.
+_BURST_S = 0.01
+#: Events per batch while ingest is busy (small, so the budget is kept finely).
+_BUSY_BATCH = 500
 
 _ROLE = {v: k for k, v in events_pb2.Role.items()}
 _SIGNAL = {v: k for k, v in events_pb2.Signal.items()}
@@ -106,6 +110,8 @@ class TrafficView:
     ) -> None:
         self._share = config.view_cpu_share
         self._last_commit = 0.0
+        self._budget = _BURST_S
+        self._refill_at = time.monotonic()
         self._max_lag = config.view_max_lag_events
         self.skipped = 0
         self._store = store
@@ -150,40 +156,49 @@ class TrafficView:
 
     async def _run(self) -> None:
         while True:
+            # While events are arriving the view works from a budget that
+            # refills at ``view_cpu_share`` of wall time (holding at most
+            # _BURST_S), in small batches, so it never takes more than that
+            # share of a core from ingest. Under a burst it falls behind (the
+            # lag is in the status) and catches up at full speed once ingest
+            # has been quiet for _QUIET_S.
+            busy = time.monotonic() - self._last_commit < _QUIET_S
+            if busy:
+                now = time.monotonic()
+                self._budget = min(self._budget + (now - self._refill_at) * self._share, _BURST_S)
+                self._refill_at = now
+                if self._budget < 0:
+                    await asyncio.sleep(max(self._interval, -self._budget / self._share))
+                    continue
             started = time.perf_counter()
             try:
-                more = await self.run_once()
+                more = await self.run_once(limit=_BUSY_BATCH if busy else self._batch)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("traffic view batch failed; retrying")
                 more = False
-            # While events are arriving the view is budgeted: after a batch that
-            # took t seconds it rests t * (1/share - 1), so it takes at most
-            # ``view_cpu_share`` of a core from ingest. Under a burst it falls
-            # behind (the lag is in the status) and catches up at full speed
-            # once ingest is quiet; resting also makes the next batch bigger.
-            spent = time.perf_counter() - started
-            busy = time.monotonic() - self._last_commit < _QUIET_S
+                await asyncio.sleep(1.0)
             if busy:
-                await asyncio.sleep(max(self._interval, spent * (1.0 / self._share - 1.0)))
-            elif more:
+                self._budget -= time.perf_counter() - started
+            if more:
                 await asyncio.sleep(0)
-            if not more:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
-                self._wakeup.clear()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+            self._wakeup.clear()
 
-    async def run_once(self) -> bool:
+    async def run_once(self, limit: int | None = None) -> bool:
         """Folds one batch of the log into the view. True when more is waiting."""
-        batch = await asyncio.to_thread(self._read)
+        n = limit or self._batch
+        batch = await asyncio.to_thread(self._read, n)
         if batch is None:
             return False
         await self._writer.run(lambda txn: self._commit(txn, batch))
         self._record(batch)
         self.processed += batch.events
         self.skipped += batch.skipped
-        return batch.events >= self._batch
+        return batch.events >= n
 
     def status(self) -> dict[str, int]:
         """The view's part of the daemon status."""
@@ -208,7 +223,7 @@ class TrafficView:
 
     # -- one batch -------------------------------------------------------
 
-    def _read(self) -> _Batch | None:
+    def _read(self, limit: int) -> _Batch | None:
         store = self._store
         b = _Batch()
         bucket_ms = self._bucket_ms
@@ -265,7 +280,7 @@ class TrafficView:
                         row[4] += reward
                         b.signals[_SIGNAL.get(fb.signal, "UNKNOWN")] += 1
                         b.bins[min(BINS - 1, int(reward * BINS))] += 1
-                    if b.events >= self._batch:
+                    if b.events >= limit:
                         break
         if b.events == 0 and not b.skipped:
             return None

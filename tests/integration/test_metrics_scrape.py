@@ -84,7 +84,6 @@ def test_metrics_counters_match_what_was_sent(tmp_path: Path) -> None:
     assert _get(m, "atlas_ingest_events_total", outcome="accepted") == 56
     assert _get(m, "atlas_ingest_events_total", outcome="duplicate") == 5
     assert _get(m, "atlas_ingest_events_total", outcome="rejected") == 2
-    assert _get(m, "atlas_ingest_batches_total") == 3
     assert _get(m, "atlas_ingest_commit_duration_seconds_count") == 3
     assert _get(m, "atlas_model_requests_total", version="v1", role="PRIMARY") == 30
     assert _get(m, "atlas_model_requests_total", version="v2", role="PRIMARY") == 10
