@@ -183,14 +183,13 @@ class ProcessorRunner:
             # One span per processor batch, continuing the trace of the ingest
             # batch that wrote its first event; ``carry`` makes it current on
             # the writer thread, so spans a processor opens (a trigger) join it.
-            with ins.log_batch_span(
-                "process.batch", start, min(last, start + self._batch - 1), processor=proc.name
-            ) as span:
+            with ins.log_batch_span("process.batch", start, start, processor=proc.name) as span:
                 apply: Callable[[lmdb.Transaction], int] = functools.partial(
                     self._apply, proc=proc, start=start
                 )
                 n = await self._writer.run(ins.carry(apply))
                 span.set_attribute("events", n)
+                ins.link_ingests(span, start, start + n - 1)
             st.last_batch_seconds = time.perf_counter() - started
             ins.processor_batch(proc.name, n, st.last_batch_seconds)
             st.batches += 1

@@ -167,6 +167,9 @@ class LearningMonitor:
         self._store = store
         self._config = config
         self.traffic_source = traffic_source
+        #: Extra sections other stages add to the report: name -> JSON-ready
+        #: mapping (a failing section reports its error, never fails the report).
+        self.sections: dict[str, Callable[[], Mapping[str, Any]]] = {}
 
     # -- AdminService.GetReport ----------------------------------------------
 
@@ -234,7 +237,14 @@ class LearningMonitor:
         v_prev = velocity(now - 2 * window, now - window)
         avg = sum(improvements) / len(improvements) if improvements else None
         recent_avg = sum(recent) / len(recent) if recent else None
+        extra: dict[str, Any] = {}
+        for name, section in self.sections.items():
+            try:
+                extra[name] = dict(section())
+            except Exception as exc:
+                extra[name] = {"error": str(exc)}
         return {
+            **extra,
             "generated_at_ms": now,
             "total_updates": len(updates),
             "updates_today": sum(1 for u in updates if u["time_ms"] >= today_start),

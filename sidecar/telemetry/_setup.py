@@ -363,7 +363,9 @@ TERMINAL_STATES = frozenset({"PROMOTED", "ROLLED_BACK", "ABORTED"})
 
 
 def _reason(doc: Mapping[str, Any]) -> str:
-    value = doc.get("reason") or doc.get("trigger") or "unknown"
+    # ``trigger`` is the condition's short name (count, time, drop, errors,
+    # manual); ``reason`` is prose. Label values need the short one.
+    value = doc.get("trigger") or doc.get("reason") or "unknown"
     # Reasons are label values: keep the cardinality of a short word.
     return str(value).split(":", 1)[0].split()[0][:40] if str(value).strip() else "unknown"
 

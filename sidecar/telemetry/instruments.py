@@ -59,6 +59,7 @@ __all__ = [
     "feedback_signals",
     "ingest_contexts",
     "install",
+    "link_ingests",
     "log_batch_span",
     "model_traffic",
     "processor_batch",
@@ -400,17 +401,32 @@ def log_batch_span(
     name: str, first_seq: int, last_seq: int, **attributes: AttrValue | None
 ) -> Iterator[Span]:
     """A span for work on a batch of the event log (a processor batch): its
-    parent is the ingest batch that wrote ``first_seq``, linked to the other
-    ingest batches it covers. Use :func:`carry` to run the work on the writer
-    thread inside it."""
+    parent is the ingest batch that wrote ``first_seq``; once the batch's range
+    is known, :func:`link_ingests` links the other ingest batches it covered.
+    Use :func:`carry` to run the work on the writer thread inside it."""
     if not _current.enabled:
         yield trace.INVALID_SPAN
         return
     contexts = ingest_contexts(first_seq, last_seq)
     parent = trace.set_span_in_context(trace.NonRecordingSpan(contexts[0])) if contexts else None
     attrs: dict[str, AttrValue | None] = {"first_seq": first_seq, **attributes}
-    with span(name, parent=parent, links=contexts[1:], **attrs) as sp:  # type: ignore[arg-type]
+    with span(name, parent=parent, **attrs) as sp:  # type: ignore[arg-type]
         yield sp
+
+
+def link_ingests(sp: Span, first_seq: int, last_seq: int) -> None:
+    """Once a log batch span knows the range it covered: links to the ingest
+    batches that wrote it, beyond its parent (at most ``MAX_LINKS``)."""
+    if not _current.enabled or last_seq < first_seq:
+        return
+    parent = getattr(sp, "parent", None)
+    parent_id = parent.span_id if parent is not None else None
+    try:
+        for sc in ingest_contexts(first_seq, last_seq)[: MAX_LINKS + 1]:
+            if sc.span_id != parent_id:
+                sp.add_link(sc)
+    except Exception:
+        log.debug("telemetry link failed", exc_info=True)
 
 
 def view_batch(events: int, skipped: int) -> None:
