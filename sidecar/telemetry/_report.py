@@ -386,7 +386,7 @@ class LearningMonitor:
             rollout = {
                 "rollout_id": rid,
                 "candidate_version": last_tr.get("candidate_version") or _version(latest) or None,
-                "stable_version": last_tr.get("stable_version"),
+                "stable_version": last_tr.get("stable_version") or last_tr.get("stable") or None,
                 "state": state,
                 "active": state not in TERMINAL and bool(state),
                 "stage_index": last_tr.get("stage_index"),

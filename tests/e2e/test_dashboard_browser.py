@@ -178,26 +178,29 @@ async def test_dashboard_renders_every_panel_in_chromium(tmp_path: Path) -> None
                 ("SHADOW", "CANARY", 0, 100),
                 ("CANARY", "CANARY", 3, 2500),
             ):
-                await _history(
+                await _history(  # the rollout engine's field names
                     app,
                     "rollout_transition",
                     rollout_id="ro-1",
-                    candidate_version="v2",
-                    stable_version="v1",
-                    from_state=frm,
-                    to_state=to,
+                    candidate="v2",
+                    stable="v1",
+                    strategy="canary",
+                    **{"from": frm, "to": to},
                     stage_index=stage,
-                    candidate_weight_bps=w,
+                    weight_bps=w,
                     reason="guardrails passed",
-                    evidence={"feedback_score": {"candidate": 0.71, "stable": 0.58}},
+                    evidence={"candidate_score": 0.71, "stable_score": 0.58},
                 )
             await _history(
                 app,
                 "promoted",
                 rollout_id="ro-1",
-                version="v2",
+                candidate="v2",
+                stable="v1",
                 update_id="u-0001",
-                evidence={"feedback_score": {"candidate": 0.71, "stable": 0.58}, "samples": 412},
+                candidate_score=0.71,
+                stable_score=0.58,
+                improvement=0.13,
             )
             for r in range(3):
                 await _round(stub, rng, f"b{r}", {"v2": 1.0})
