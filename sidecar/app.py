@@ -49,6 +49,7 @@ from sidecar.learning import (
 from sidecar.rollout import RecentGoodAnswers, RegressionCase, RolloutAdmin, RolloutEngine
 from sidecar.scoring import FeedbackProcessor
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
+from sidecar.telemetry import LearningMonitor, Telemetry
 from sidecar.training import ModelRecord, ModelRegistry, TrainingStage
 from sidecar.web import WebServer
 
@@ -97,7 +98,9 @@ class _FirstNonEmpty:
 class SidecarApp:
     """The daemon. ``start()`` binds every port or raises; ``shutdown()`` is idempotent."""
 
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(
+        self, config: SidecarConfig, *, telemetry_options: dict[str, Any] | None = None
+    ) -> None:
         self.config = config
         self.store = Store(config.store)
         self.writer = StoreWriter(self.store, config.store)
@@ -120,6 +123,27 @@ class SidecarApp:
         # Stages that read the event log register processors here before start.
         self.processors = ProcessorRunner(self.store, self.writer, [])
         self.handlers.status["processing"] = self.processors.status
+        # -- telemetry: tracing, metrics, the traffic view and the learning
+        # report. Started before the other stages so their first spans and
+        # metrics are recorded; stopped after them (it is not in ``stages``).
+        # Pass ``span_exporter``/``metric_readers`` through ``telemetry_options``
+        # to capture telemetry in-process (tests).
+        self.telemetry = Telemetry(
+            config.telemetry,
+            store=self.store,
+            writer=self.writer,
+            processors=self.processors,
+            open_streams=lambda: self.ingest.open_streams,
+            **(telemetry_options or {}),
+        )
+        if self.telemetry.enabled:
+            self.ingest.add_observer(self.telemetry.observe_ingest)
+        if self.telemetry.traffic is not None:
+            self.handlers.status["telemetry"] = self.telemetry.traffic.status
+        self.monitor = LearningMonitor(
+            self.store, config.telemetry, traffic_source=self.control.desired
+        )
+        self.handlers.report = self.monitor
 
         # -- what to learn from, what to remember, when to ask ------------------
         # Memory and the holdout form the regression suite validation probes
@@ -149,6 +173,7 @@ class SidecarApp:
         self.learning_quality = functools.partial(
             learning_quality_report, self.memory, self.holdout, self.active
         )
+        self.monitor.sections["learning_quality"] = self.learning_quality
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
         self.stages: list[Stage] = []
@@ -253,12 +278,20 @@ class SidecarApp:
         try:
             await self.writer.start()
             await self.retention.start()
+            await self.telemetry.start()
             for stage in self.stages:
                 await stage.start()
             await self.processors.start()
             await self._start_grpc()
             if cfg.server.http_listen:
-                self.web = WebServer(cfg.server.http_listen, self.status_dict)
+                self.web = WebServer(
+                    cfg.server.http_listen,
+                    self.status_dict,
+                    metrics=self.telemetry.metrics_text if self.telemetry.enabled else None,
+                    report=self.monitor.report_dict,
+                    rollout=self.monitor.rollout_dict,
+                    refresh_seconds=cfg.telemetry.dashboard_refresh_seconds,
+                )
                 await self.web.start()
                 self.ports["http"] = self.web.port or 0
         except BaseException:
@@ -281,6 +314,7 @@ class SidecarApp:
     async def _start_grpc(self) -> None:
         cfg = self.config.server
         server = grpc.aio.server(
+            interceptors=self.telemetry.grpc_interceptors(),
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -345,6 +379,10 @@ class SidecarApp:
                 await stage.shutdown()
             except Exception:
                 log.exception("stage shutdown failed")
+        try:
+            await self.telemetry.shutdown()
+        except Exception:
+            log.exception("telemetry shutdown failed")
         await self.retention.shutdown()
         await self.writer.shutdown()
         self.store.close()

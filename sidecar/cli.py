@@ -115,7 +115,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"atlas-sidecar: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level, json_logs=not args.plain_logs)
+    configure_logging(
+        args.log_level, json_logs=not args.plain_logs, log_text=config.telemetry.log_text
+    )
     return _run_daemon(config)
 
 

@@ -18,7 +18,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +29,7 @@ from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
 from sidecar.store._retention import CURSOR_PREFIX
 from sidecar.store._writer import StoreWriter
+from sidecar.telemetry import instruments as ins
 
 __all__ = ["LogProcessor", "ProcessorRunner", "ProcessorStats", "read_cursor"]
 
@@ -101,6 +102,7 @@ class ProcessorRunner:
         # While behind, processors use at most this share of the writer's time,
         # so a burst of ingest is acked first and learning catches up after.
         self._max_duty = max_duty
+        self._last_round_seconds = 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,31 +196,56 @@ class ProcessorRunner:
         Returns True when events are still waiting (the round ran out of its
         batch size or its time budget).
         """
+        last = self._writer.next_seq - 1
+        with self._store.read() as txn:
+            first = min(
+                (read_cursor(txn, self._store, p.name) for p in self._processors), default=last + 1
+            )
+        if first > last:
+            for st in self.stats.values():
+                st.lag = 0
+            return False
         started = time.perf_counter()
-        more: bool = await self._writer.run(self._apply_all)
+        job: Callable[[lmdb.Transaction], tuple[bool, dict[str, tuple[int, int]]]] = self._apply_all
+        more, done = await self._writer.run(ins.carry(job))
         elapsed = time.perf_counter() - started
-        for st in self.stats.values():
-            st.last_batch_seconds = elapsed
+        self._last_round_seconds = elapsed
+        for name, (_start, n) in done.items():
+            self.stats[name].last_batch_seconds = elapsed
+            ins.processor_batch(name, n, elapsed)
         return more
 
-    def _apply_all(self, txn: lmdb.Transaction) -> bool:
-        """On the writer thread: each processor takes its share of the budget."""
+    def _apply_all(self, txn: lmdb.Transaction) -> tuple[bool, dict[str, tuple[int, int]]]:
+        """On the writer thread: each processor takes its share of the budget.
+
+        Returns (more waiting, processor name -> (first seq, events processed)).
+        """
         last = self._writer.next_seq - 1
         deadline = time.perf_counter() + self._budget
         more = False
         waiting = [p for p in self._processors if read_cursor(txn, self._store, p.name) <= last]
+        report: dict[str, tuple[int, int]] = {}
         for st in self.stats.values():
             st.lag = 0
         for i, proc in enumerate(waiting):
             # split what is left of the budget among the processors still to run
             share = (deadline - time.perf_counter()) / (len(waiting) - i)
             start = read_cursor(txn, self._store, proc.name)
-            done, exhausted = self._apply(txn, proc, start, time.perf_counter() + max(share, 0.001))
+            # One span per processor and round, continuing the trace of the
+            # ingest batch that wrote its first event; spans the processor
+            # opens (a trigger) are its children.
+            with ins.log_batch_span("process.batch", start, start, processor=proc.name) as span:
+                done, exhausted = self._apply(
+                    txn, proc, start, time.perf_counter() + max(share, 0.001)
+                )
+                span.set_attribute("events", done)
+                ins.link_ingests(span, start, start + done - 1)
             st = self.stats[proc.name]
             st.batches += 1
             st.lag = max(0, last - (start + done) + 1)
             more = more or exhausted
-        return more
+            report[proc.name] = (start, done)
+        return more, report
 
     def _apply(
         self, txn: lmdb.Transaction, proc: LogProcessor, start: int, deadline: float
