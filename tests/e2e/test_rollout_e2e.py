@@ -10,6 +10,7 @@ wait polls for a state with a generous deadline; nothing asserts on timing.
 from __future__ import annotations
 
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -38,7 +39,6 @@ STATE = {v: k for k, v in admin_pb2.RolloutState.items()}
 # Fast timings: stages of a few seconds, small sample minimums. The guardrails
 # keep their default error bound (alpha 0.01).
 FAST: dict[str, Any] = {
-    "store": {"sync": False},
     "rollout": {
         "initial_stable_version": "v1",
         "evaluate_interval_seconds": 0.2,
@@ -163,12 +163,16 @@ class ReferenceServer:
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if not readable:
+                continue
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"reference server exited: {self.log_path.read_text()[-3000:]}")
             if json.loads(line).get("event") == "ready":
                 return self
-        raise TimeoutError("reference server not ready")
+        self.kill()
+        raise TimeoutError(f"reference server not ready in {timeout}s: {self.log_path}")
 
     def state(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(self.state_file.read_text())
