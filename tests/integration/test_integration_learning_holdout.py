@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ def _prompts(rows: list[dict[str, Any]]) -> set[str]:
 
 
 def test_held_out_samples_never_exported_and_replay_ratio_exact(
-    tmp_path: Path, daemon: DaemonProcess
+    tmp_path: Path, daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
     admin = _Admin(daemon.target)
     stream = EventStream(daemon.target)
@@ -197,7 +198,10 @@ def test_held_out_samples_never_exported_and_replay_ratio_exact(
             uid = admin.trigger(f"phase {phase}")
             snapshots.append(_snapshot(daemon.data_dir, admin, uid))
         assert stream.stats.rejected == 0
-        status = admin.status()
+        # what an operator sees: atlas-sidecar status --json
+        capsys.readouterr()
+        assert cli_main(["status", "--target", daemon.target, "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)["details"]
         grpc_exports = {kind: admin.export(kind) for kind in ("sft", "dpo", "kto")}
     finally:
         stream.close(5)
@@ -292,4 +296,11 @@ def test_held_out_samples_never_exported_and_replay_ratio_exact(
     assert set(mem["size_per_task"]) == {"chat", "code", "sql"}
     assert 0 < mem["size"] <= 3 * CAPACITY
     assert status["holdout"]["size"] == len(held)
-    assert "ask_rate" in status["active_learning"] and "answer_rate" in status["active_learning"]
+    # under capacity, memory holds exactly what the two updates trained on
+    trained = Counter(s.attribute("task_id") for s in trainable_sft)
+    assert max(trained.values()) < CAPACITY
+    assert mem["size_per_task"] == dict(trained)
+    assert status["holdout"]["size"] == len(held)
+    assert status["holdout"]["size_per_task"] == {t: c["held"] for t, c in counts.items()}
+    active = status["active_learning"]
+    assert {"ask_rate", "answer_rate"} <= set(active)

@@ -97,6 +97,11 @@ async def test_high_uncertainty_and_priority_rank_ahead(
                 and app.training.status()["in_flight"] == ""
             )
         )
+        # the report's quality section: memory consolidated from the 3 trained on
+        quality = app.learning_quality()
+        assert quality["memory_size_per_task"] == {"help": 3}
+        assert quality["holdout_size"] == 0
+        assert {"ask_rate", "answer_rate"} <= set(quality)
     finally:
         await stream.aclose()
         await app.shutdown()
