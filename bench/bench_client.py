@@ -26,7 +26,7 @@ def measure(stream: EventStream, n: int) -> list[float]:
     record = stream.record_feedback
     for i in range(n):
         t0 = clock()
-        record("req-%d" % i, signal=Signal.COPY, user_id="user-1")
+        record(f"req-{i}", signal=Signal.COPY, user_id="user-1")
         out.append((clock() - t0) / 1000)
     return out
 
