@@ -9,7 +9,6 @@ the writer drained and the store closed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from typing import Any, Protocol
 
@@ -38,19 +37,22 @@ from sidecar.learning import (
     ActiveLearningServicer,
     FeedbackAnswerProcessor,
     HashedNgramVectorizer,
+    HoldoutAtCuration,
     HoldoutSet,
     LearningScheduler,
     MemoryConsolidation,
     RegressionSuite,
     SelectiveLearner,
     SelectiveReplayComposer,
+    SelectiveReplayStep,
+    curation_options,
     learning_quality_report,
 )
 from sidecar.rollout import RecentGoodAnswers, RegressionCase, RolloutAdmin, RolloutEngine
 from sidecar.scoring import FeedbackProcessor
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
 from sidecar.telemetry import LearningMonitor, Telemetry
-from sidecar.training import ModelRecord, ModelRegistry, TrainingStage
+from sidecar.training import ComposerChain, ModelRecord, ModelRegistry, TrainingStage
 from sidecar.web import WebServer
 
 __all__ = ["SidecarApp", "Stage"]
@@ -169,10 +171,7 @@ class SidecarApp:
         self.handlers.status["memory"] = self.memory.status
         self.handlers.status["holdout"] = self.holdout.status
         self.handlers.status["active_learning"] = self.active.status
-        # for the learning report: memory per task, holdout size, ask/answer rates
-        self.learning_quality = functools.partial(
-            learning_quality_report, self.memory, self.holdout, self.active
-        )
+        # the learning report's section: memory per task, holdout, ask/answer rates
         self.monitor.sections["learning_quality"] = self.learning_quality
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
@@ -201,6 +200,7 @@ class SidecarApp:
             baseline_samples=lcfg.baseline_samples,
             recent_samples=lcfg.recent_samples,
             on_primary_version=self.registry.observe_primary_version,
+            **curation_options(config),
         )
         self.processors.add(self.scoring)
         self.scheduler = LearningScheduler(
@@ -213,6 +213,7 @@ class SidecarApp:
             scheduler=self.scheduler,
             registry=self.registry,
             scoring=self.scoring,
+            holdout=self.holdout,
         )
         self.stages.append(self.training)
         self.handlers.registry = self.registry
@@ -235,6 +236,27 @@ class SidecarApp:
         self.stages.append(self.rollouts)
         self.handlers.rollouts = RolloutAdmin(self.rollouts)
         self.handlers.status["rollout"] = self.rollouts.status
+
+        # -- curation <-> selective learning, memory, holdout --------------------
+        # A good sample's holdout decision is made when it is first curated,
+        # in the transaction that stores it (and so is never undone by a
+        # replay). Every dataset snapshot then goes through the selective
+        # replay step: held-out requests and prompts out (pairs too), new
+        # samples valued and cut at the threshold, highest value first,
+        # memory replayed at exactly memory.replay_ratio and consolidated
+        # from the samples trained on. Exports skip the holdout as well
+        # (TrainingStage.export, atlas-sidecar export).
+        self.scoring.sample_listeners.append(HoldoutAtCuration.for_config(self.holdout, config))
+        training_chain = self.training.composer
+        if not isinstance(training_chain, ComposerChain):
+            raise TypeError("training.composer must be a ComposerChain to add the replay step")
+        training_chain.append(
+            SelectiveReplayStep(
+                self.composer,
+                task_attribute=config.memory.task_attribute,
+                default_task=config.memory.default_task,
+            )
+        )
 
         # -- learning <-> rollout ---------------------------------------------
         # No update while a rollout runs; a registered candidate may start a
@@ -262,6 +284,17 @@ class SidecarApp:
             update_id=record.update_id,
         )
         return rollout.rollout_id
+
+    def learning_quality(self) -> dict[str, Any]:
+        """The learning report's quality section, for the report and telemetry.
+
+        ``{memory_size_per_task, memory_size, task_boundaries, holdout_size,
+        holdout_size_per_task, ask_rate, answer_rate, asks, answers}``; the
+        same figures are in status under ``memory``, ``holdout`` and
+        ``active_learning``. Reads the store (short read transactions): call
+        it after ``start()``.
+        """
+        return learning_quality_report(self.memory, self.holdout, self.active)
 
     def status_dict(self) -> dict[str, Any]:
         return status_to_dict(self.admin.status())

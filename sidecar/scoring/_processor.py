@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lmdb
@@ -95,6 +95,8 @@ class FeedbackProcessor:
         baseline_samples: int = 100,
         recent_samples: int = 100,
         on_primary_version: Callable[[lmdb.Transaction, str], None] | None = None,
+        task_attribute: str = "task_id",
+        sample_attributes: Sequence[str] = (),
     ) -> None:
         self._store = store
         self.config = config
@@ -103,6 +105,10 @@ class FeedbackProcessor:
         self._baseline_n = baseline_samples
         self._alpha = 2.0 / (recent_samples + 1)
         self._on_version = on_primary_version
+        # The attribute naming a sample's task, and the Inference attributes
+        # a sample keeps for the stages that value it (selective learning).
+        self._task_attr = task_attribute
+        self._keep_attrs = tuple(sorted({*sample_attributes, task_attribute}))
         self.weight_version: int | None = None
         # Read caches of values this processor itself wrote in the current
         # transaction (every write still goes to the store): a new
@@ -179,6 +185,7 @@ class FeedbackProcessor:
             txn.delete(encode_u64(prev["dl"]) + encode_u64(prev["s"]), db=store.db("windows"))
         self._perf_request(txn, version, inf.error)
         lp = inf.token_logprobs
+        attrs = inf.attributes
         deadline = ingest_ms + self._window_ms
         rec: dict[str, Any] = {
             "s": seq,
@@ -191,7 +198,8 @@ class FeedbackProcessor:
             "u": inf.user_id,
             "ss": inf.session_id,
             "ro": inf.retry_of,
-            "tk": inf.attributes.get("task_id", ""),
+            "tk": inf.attributes.get(self._task_attr, ""),
+            "at": [[k, attrs[k]] for k in self._keep_attrs if k in attrs],
             "lp": [sum(lp) / len(lp), min(lp), len(lp)] if lp else None,
             "sg": early["sg"] if early else [],
             "rt": early["rt"] if early else None,
@@ -332,6 +340,7 @@ class FeedbackProcessor:
             closed_ms=deadline,
             ingest_ms=rec["t"],
             weight_version=self.weight_version or 0,
+            attributes=tuple((str(k), str(v)) for k, v in rec.get("at", ())),
         )
         if qualifies:
             counters.sft += 1
