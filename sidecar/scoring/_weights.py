@@ -47,7 +47,9 @@ class WeightTable:
     default_reward: float = 0.5
 
     def weight(self, signal: int) -> float:
-        return float(self.signals.get(S.Name(signal), 0.0)) if signal in S.values() else 0.0
+        if signal not in S.values():
+            return 0.0
+        return float(self.signals.get(S.Name(signal), 0.0))  # type: ignore[arg-type]
 
     def fingerprint(self) -> str:
         """A stable hash; a different table gets a different weight version."""

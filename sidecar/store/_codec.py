@@ -28,7 +28,7 @@ def encode_u64(value: int) -> bytes:
     return _U64.pack(value)
 
 
-def decode_u64(raw: bytes) -> int:
+def decode_u64(raw: bytes | memoryview) -> int:
     return int(_U64.unpack_from(raw)[0])
 
 
@@ -48,7 +48,7 @@ def encode_id_value(seq: int, ingest_ms: int) -> bytes:
     return _U64x2.pack(seq, ingest_ms)
 
 
-def decode_id_value(raw: bytes) -> tuple[int, int]:
+def decode_id_value(raw: bytes | memoryview) -> tuple[int, int]:
     """Returns (seq, ingest_ms) of the stored event with this id."""
     seq, ms = _U64x2.unpack_from(raw)
     return int(seq), int(ms)

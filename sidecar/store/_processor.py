@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -92,7 +93,7 @@ class ProcessorRunner:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {p.name: ProcessorStats() for p in self._processors}
-        self._idle = asyncio.Event()
+        self._stopping = False
 
     def add(self, processor: LogProcessor) -> None:
         if self._task is not None:
@@ -109,6 +110,7 @@ class ProcessorRunner:
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -136,7 +138,7 @@ class ProcessorRunner:
 
     async def _run(self) -> None:
         next_tick = time.monotonic()
-        while True:
+        while not self._stopping:
             try:
                 more = await self.run_once()
                 if time.monotonic() >= next_tick:
@@ -149,8 +151,11 @@ class ProcessorRunner:
                 more = False
                 await asyncio.sleep(0.5)
             if not more:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that races with the wakeup, and shutdown would hang.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._tick)
+                    async with asyncio.timeout(self._tick):
+                        await self._wakeup.wait()
                 self._wakeup.clear()
 
     async def tick_all(self, now_ms: int | None = None) -> None:
@@ -158,7 +163,7 @@ class ProcessorRunner:
         now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         for proc in self._processors:
             try:
-                await self._writer.run(lambda txn, p=proc: p.tick(txn, now))
+                await self._writer.run(functools.partial(_tick, proc, now_ms=now))
             except Exception:
                 log.exception("processor tick failed", extra={"processor": proc.name})
 
@@ -174,7 +179,7 @@ class ProcessorRunner:
             if start > last:
                 continue
             started = time.perf_counter()
-            n = await self._writer.run(lambda txn, p=proc, s=start: self._apply(txn, p, s))
+            n = await self._writer.run(functools.partial(self._apply, proc=proc, start=start))
             st.last_batch_seconds = time.perf_counter() - started
             st.batches += 1
             if n >= self._batch:
@@ -249,6 +254,10 @@ class ProcessorRunner:
                 for name, st in self.stats.items()
             },
         }
+
+
+def _tick(proc: LogProcessor, txn: lmdb.Transaction, now_ms: int) -> None:
+    proc.tick(txn, now_ms)
 
 
 def _parse(payload: bytes) -> events_pb2.Event:

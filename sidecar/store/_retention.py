@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -142,7 +143,9 @@ class Retention:
             now_ms = time.time_ns() // 1_000_000
             budget = self._config.retention_batch
             res = await self._writer.run(
-                lambda txn: trim(txn, self._store, self._config, now_ms, budget)
+                functools.partial(
+                    trim, store=self._store, config=self._config, now_ms=now_ms, budget=budget
+                )
             )
             ev += res.events_deleted
             ids += res.ids_deleted

@@ -218,6 +218,11 @@ class StoreWriter:
             self._commit(leftover)
 
     def _commit(self, jobs: list[_Job]) -> None:
+        # A caller that gave up (its asyncio task was cancelled) cancels the
+        # future; claim the others so they can no longer be cancelled.
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
         started = time.perf_counter()
         while True:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import threading
@@ -139,10 +140,8 @@ class EventStream:
             self.stats.dropped += 1
             if not self._drop_oldest:
                 return
-            try:
+            with contextlib.suppress(IndexError):
                 q.popleft()
-            except IndexError:
-                pass
         q.append(item)
         if len(q) % self._batch_size == 0:
             self._wake.set()

@@ -39,5 +39,5 @@ def uuid7() -> str:
                 seq = 0
             _state["seq"] = seq
         ms, seq = _state["ms"], _state["seq"]
-    h = "%016x%016x" % ((ms << 16) | 0x7000 | seq, 0x8000000000000000 | _rand.getrandbits(62))
+    h = f"{(ms << 16) | 0x7000 | seq:016x}{0x8000000000000000 | _rand.getrandbits(62):016x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

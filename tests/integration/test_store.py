@@ -1,0 +1,287 @@
+"""The store on a real LMDB: schema, locking, retention, processors, disk full."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import lmdb
+import pytest
+from atlas_sidecar_client.pb import events_pb2
+
+from sidecar.config import StoreConfig
+from sidecar.errors import DataDirLockedError, SchemaVersionError, StoreFullError
+from sidecar.store import (
+    Retention,
+    Store,
+    StoreWriter,
+    append_history,
+    encode_u64,
+    read_cursor,
+    read_history,
+)
+from sidecar.store._processor import ProcessorRunner
+from tests.conftest import inference
+
+
+def cfg(path: Path, **kw: object) -> StoreConfig:
+    return StoreConfig(data_dir=path, **kw)  # type: ignore[arg-type]
+
+
+def items(prefix: str, n: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (f"{prefix}{i}".encode(), inference(f"{prefix}{i}").SerializeToString()) for i in range(n)
+    ]
+
+
+def test_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    store = Store(cfg(tmp_path))
+    store.open()
+    with store.env.begin(write=True) as txn:
+        txn.put(b"schema_version", encode_u64(99), db=store.db("meta"))
+    store.close()
+    again = Store(cfg(tmp_path))
+    with pytest.raises(SchemaVersionError, match="schema version 99, newer than"):
+        again.open()
+    again.close()
+
+
+def test_data_dir_held_by_another_process_is_refused(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            "python3",
+            "-c",
+            "import fcntl,os,sys,time; fd=os.open(sys.argv[1], os.O_RDWR|os.O_CREAT);"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); time.sleep(60)",
+            str(tmp_path / "LOCK"),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with pytest.raises(DataDirLockedError, match="held by another sidecar"):
+            Store(cfg(tmp_path)).open()
+    finally:
+        holder.kill()
+        holder.wait()
+    store = Store(cfg(tmp_path))
+    store.open()  # free again once the holder is gone
+    store.close()
+
+
+async def test_writer_fn_job_failure_is_isolated(tmp_path: Path) -> None:
+    store = Store(cfg(tmp_path))
+    store.open()
+    writer = StoreWriter(store, cfg(tmp_path))
+    await writer.start()
+    try:
+
+        def bad(txn: lmdb.Transaction) -> None:
+            txn.put(b"bad", b"1", db=store.db("meta"))
+            raise ValueError("boom")
+
+        def good(txn: lmdb.Transaction) -> str:
+            txn.put(b"good", b"1", db=store.db("meta"))
+            return "ok"
+
+        f1, f2 = writer.submit(bad), writer.submit(good)
+        f3 = writer.submit_events(items("e", 3))
+        assert f2.result(5) == "ok"
+        with pytest.raises(ValueError, match="boom"):
+            f1.result(5)
+        assert f3.result(5).accepted == 3
+        with store.read() as txn:
+            assert txn.get(b"bad", db=store.db("meta")) is None
+            assert txn.get(b"good", db=store.db("meta")) == b"1"
+    finally:
+        await writer.shutdown()
+        await writer.shutdown()  # idempotent
+        store.close()
+
+
+async def test_shutdown_before_start_is_safe(tmp_path: Path) -> None:
+    store = Store(cfg(tmp_path))
+    writer = StoreWriter(store, cfg(tmp_path))
+    await writer.shutdown()
+    retention = Retention(store, writer, cfg(tmp_path))
+    await retention.shutdown()
+    store.close()
+    store.close()
+
+
+async def test_retention_trims_by_size_and_age_but_never_past_a_cursor(tmp_path: Path) -> None:
+    c = cfg(tmp_path, retention_max_events=100, retention_seconds=3600, dedupe_window_seconds=3600)
+    store = Store(c)
+    store.open()
+    writer = StoreWriter(store, c)
+    await writer.start()
+    try:
+        writer.submit_events(items("a", 250)).result(5)
+        # a processor that has read up to seq 120
+        await writer.run(lambda txn: txn.put(b"cursor/test", encode_u64(121), db=store.db("meta")))
+        res = await Retention(store, writer, c).run_once()
+        assert res.events_deleted == 120  # size says 150, the cursor says 120
+        with store.read() as txn:
+            assert txn.stat(store.db("events"))["entries"] == 130
+            assert txn.get(b"a0", db=store.db("event_ids")) is None
+            assert txn.get(b"a120", db=store.db("event_ids")) is not None
+        await writer.run(lambda txn: txn.put(b"cursor/test", encode_u64(251), db=store.db("meta")))
+        res = await Retention(store, writer, c).run_once()
+        assert res.events_deleted == 30
+        # a trimmed id is forgotten: resending stores it again
+        assert writer.submit_events(items("a", 1)).result(5).accepted == 1
+        # an id still in the log is a duplicate
+        assert writer.submit_events([(b"a200", b"x")]).result(5).duplicates == 1
+    finally:
+        await writer.shutdown()
+        store.close()
+
+
+async def test_dedupe_window_forgets_old_ids_but_keeps_events(tmp_path: Path) -> None:
+    c = cfg(tmp_path, dedupe_window_seconds=0.2, retention_seconds=3600)
+    store = Store(c)
+    store.open()
+    writer = StoreWriter(store, c)
+    await writer.start()
+    try:
+        writer.submit_events(items("d", 10)).result(5)
+        await asyncio.sleep(0.3)
+        res = await Retention(store, writer, c).run_once()
+        assert (res.events_deleted, res.ids_deleted) == (0, 10)
+        assert writer.submit_events(items("d", 10)).result(5).accepted == 10
+    finally:
+        await writer.shutdown()
+        store.close()
+
+
+class _Recorder:
+    name = "recorder"
+
+    def __init__(self, store: Store, poison: str = "") -> None:
+        self.store = store
+        self.poison = poison
+        self.ticks = 0
+
+    def process(
+        self, txn: lmdb.Transaction, seq: int, ingest_ms: int, event: events_pb2.Event
+    ) -> None:
+        if event.event_id == self.poison:
+            raise ValueError("poisoned event")
+        txn.put(event.event_id.encode(), encode_u64(seq), db=self.store.db("requests"))
+
+    def tick(self, txn: lmdb.Transaction, now_ms: int) -> None:
+        self.ticks += 1
+
+
+async def test_processor_dead_letters_a_bad_event_and_goes_on(tmp_path: Path) -> None:
+    store = Store(cfg(tmp_path))
+    store.open()
+    writer = StoreWriter(store, cfg(tmp_path))
+    await writer.start()
+    proc = _Recorder(store, poison="p3")
+    runner = ProcessorRunner(store, writer, [proc], batch_events=4)
+    await runner.start()
+    try:
+        writer.submit_events(items("p", 10)).result(5)
+        await runner.wait_idle(10)
+        with store.read() as txn:
+            seen = sorted(bytes(k).decode() for k, _ in txn.cursor(db=store.db("requests")))
+            assert read_cursor(txn, store, "recorder") == 11
+            dead = [bytes(v) for _, v in txn.cursor(db=store.db("dead_letters"))]
+        assert seen == sorted(f"p{i}" for i in range(10) if i != 3)
+        assert len(dead) == 1 and b"poisoned event" in dead[0]
+        assert runner.status()["dead_letters"] == 1
+    finally:
+        await runner.shutdown()
+        await writer.shutdown()
+        store.close()
+
+
+async def test_processor_resumes_from_its_cursor_after_restart(tmp_path: Path) -> None:
+    for round_ in range(2):
+        store = Store(cfg(tmp_path))
+        store.open()
+        writer = StoreWriter(store, cfg(tmp_path))
+        await writer.start()
+        proc = _Recorder(store)
+        runner = ProcessorRunner(store, writer, [proc])
+        await runner.start()
+        writer.submit_events(items(f"r{round_}-", 5)).result(5)
+        await runner.wait_idle(10)
+        with store.read() as txn:
+            n = txn.stat(store.db("requests"))["entries"]
+            cursor = read_cursor(txn, store, "recorder")
+        assert (n, cursor) == (5 * (round_ + 1), 5 * (round_ + 1) + 1)
+        await runner.shutdown()
+        await writer.shutdown()
+        store.close()
+
+
+async def test_history_appends_in_order(tmp_path: Path) -> None:
+    store = Store(cfg(tmp_path))
+    store.open()
+    writer = StoreWriter(store, cfg(tmp_path))
+    await writer.start()
+    try:
+        for i in range(3):
+            await writer.run(lambda txn, i=i: append_history(txn, store, "trigger", reason=f"r{i}"))
+        with store.read() as txn:
+            docs = list(read_history(txn, store))
+            newest = list(read_history(txn, store, newest_first=True, limit=1))
+        assert [d["reason"] for d in docs] == ["r0", "r1", "r2"]
+        assert [d["seq"] for d in docs] == [1, 2, 3]
+        assert newest[0]["reason"] == "r2"
+    finally:
+        await writer.shutdown()
+        store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    rc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if rc.returncode != 0:
+        pytest.fail(f"this test mounts a 3 MiB tmpfs and needs root: {rc.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_full_disk_fails_the_write_cleanly_and_store_stays_usable(small_disk: Path) -> None:
+    c = cfg(small_disk / "data", map_size_bytes=64 << 20)
+    store = Store(c)
+    store.open()
+    writer = StoreWriter(store, c)
+    await writer.start()
+    try:
+        acked = 0
+        error = None
+        for b in range(400):
+            batch = [(f"k{b}-{i}".encode(), b"z" * 4000) for i in range(10)]
+            try:
+                acked += writer.submit_events(batch).result(10).accepted
+            except StoreFullError as exc:
+                error = exc
+                break
+        assert error is not None and "disk full" in str(error)
+        with store.read() as txn:
+            assert txn.stat(store.db("events"))["entries"] == acked
+
+        # the control plane keeps working: small metadata writes still go through
+        # once a little space is freed
+        def forget(txn: lmdb.Transaction) -> int:
+            cur = txn.cursor(db=store.db("events"))
+            n = 0
+            while cur.first() and n < 50:
+                cur.delete()
+                n += 1
+            return n
+
+        assert await writer.run(forget) == 50
+        assert writer.submit_events([(b"after", b"small")]).result(10).accepted == 1
+    finally:
+        await writer.shutdown()
+        store.close()
