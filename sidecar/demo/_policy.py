@@ -277,33 +277,45 @@ class Policy:
         unlearn: bool,
     ) -> FitReport:
         n0 = len(self.answers)
-        ys = [self.index_of(r.completion) for r in sft]
-        cs = [self.index_of(r.chosen) for r in preferences]
-        rs = [self.index_of(r.rejected) for r in preferences]
-        if unlearn:
-            cs, rs = rs, cs
-        report = FitReport(len(sft), len(preferences), len(self.answers) - n0)
-        xs = np.stack([featurize(r.prompt, self.dim) for r in sft]) if sft else None
-        ws = np.array([max(r.weight, 0.0) for r in sft]) if sft else None
-        xp = np.stack([featurize(r.prompt, self.dim) for r in preferences]) if preferences else None
-        wp = np.array([max(r.weight, 0.0) for r in preferences]) if preferences else None
+        report = FitReport(len(sft), len(preferences))
+        # Identical rows are merged (weights summed): same objective, far fewer rows.
+        sft_w: dict[tuple[int, str], float] = {}
+        for r in sft:
+            key = (self.index_of(r.completion), r.prompt)
+            sft_w[key] = sft_w.get(key, 0.0) + max(r.weight, 0.0)
+        pref_w: dict[tuple[int, int, str], float] = {}
+        for pr in preferences:
+            c, j = self.index_of(pr.chosen), self.index_of(pr.rejected)
+            if unlearn:
+                c, j = j, c
+            if c != j:
+                pkey = (c, j, pr.prompt)
+                pref_w[pkey] = pref_w.get(pkey, 0.0) + max(pr.weight, 0.0)
+        report.new_answers = len(self.answers) - n0
+        n_answers = len(self.answers)
+        xs = np.stack([featurize(k[1], self.dim) for k in sft_w]) if sft_w else None
+        ws = np.array(list(sft_w.values())) if sft_w else None
+        y_idx = np.array([k[0] for k in sft_w], dtype=np.int64)
+        xp = np.stack([featurize(k[2], self.dim) for k in pref_w]) if pref_w else None
+        wp = np.array(list(pref_w.values())) if pref_w else None
+        # diff[i] is +1 at the chosen answer and -1 at the rejected one, so the
+        # pair's margin is the row sum of (scores * diff).
+        diff = np.zeros((len(pref_w), n_answers))
+        for i, (c, j, _) in enumerate(pref_w):
+            diff[i, c] = 1.0
+            diff[i, j] = -1.0
+        onehot = np.zeros((len(sft_w), n_answers))
+        onehot[np.arange(len(sft_w)), y_idx] = 1.0
         base = self.weights.copy()
-        ref_margin = (
-            (base[cs] * xp).sum(axis=1) - (base[rs] * xp).sum(axis=1) if xp is not None else None
-        )
-        y_idx = np.array(ys, dtype=np.int64)
-        c_idx = np.array(cs, dtype=np.int64)
-        r_idx = np.array(rs, dtype=np.int64)
+        ref_margin = ((xp @ base.T) * diff).sum(axis=1) if xp is not None else None
 
         def loss_and_grad(w: Array) -> tuple[float, Array]:
             grad = anchor * (w - base)
             loss = 0.5 * anchor * float(((w - base) ** 2).sum())
             if xs is not None and ws is not None and ws.sum() > 0:
                 p = self._softmax(xs @ w.T)
-                py = p[np.arange(len(ys)), y_idx]
+                py = (p * onehot).sum(axis=1)
                 norm = float(ws.sum())
-                onehot = np.zeros_like(p)
-                onehot[np.arange(len(ys)), y_idx] = 1.0
                 if unlearn:
                     # d/dz of -log(1 - p_y) = p_y / (1 - p_y) * (onehot - p)
                     loss += float(-(ws * np.log(np.clip(1 - py, 1e-12, 1))).sum()) / norm
@@ -313,19 +325,18 @@ class Policy:
                     loss += float(-(ws * np.log(np.clip(py, 1e-12, 1))).sum()) / norm
                     grad += ((p - onehot) * ws[:, None]).T @ xs / norm
             if xp is not None and wp is not None and ref_margin is not None and wp.sum() > 0:
-                margin = (w[c_idx] * xp).sum(axis=1) - (w[r_idx] * xp).sum(axis=1)
+                margin = ((xp @ w.T) * diff).sum(axis=1)
                 z = beta * (margin - ref_margin)
                 norm = float(wp.sum())
                 loss += preference_weight * float((wp * np.logaddexp(0, -z)).sum()) / norm
                 # d/dmargin of -log sigmoid(z) = -beta * sigmoid(-z)
-                g = (-beta * preference_weight * wp / norm / (1 + np.exp(z)))[:, None] * xp
-                np.add.at(grad, c_idx, g)
-                np.add.at(grad, r_idx, -g)
+                g = -beta * preference_weight * wp / norm / (1 + np.exp(z))
+                grad += (diff * g[:, None]).T @ xp
             return loss, grad
 
         report.loss_before = loss_and_grad(self.weights)[0]
         report.sft_logprob_before, report.preference_accuracy_before = self._diagnose(
-            xs, y_idx, xp, c_idx, r_idx
+            xs, ws, onehot, xp, wp, diff
         )
         # Adam: the gradients of rare answers are tiny next to those of common ones.
         m = np.zeros_like(self.weights)
@@ -339,26 +350,28 @@ class Policy:
         report.steps = steps
         report.loss_after = loss_and_grad(self.weights)[0]
         report.sft_logprob_after, report.preference_accuracy_after = self._diagnose(
-            xs, y_idx, xp, c_idx, r_idx
+            xs, ws, onehot, xp, wp, diff
         )
         return report
 
     def _diagnose(
         self,
         xs: Array | None,
-        y_idx: npt.NDArray[np.int64],
+        ws: Array | None,
+        onehot: Array,
         xp: Array | None,
-        c_idx: npt.NDArray[np.int64],
-        r_idx: npt.NDArray[np.int64],
+        wp: Array | None,
+        diff: Array,
     ) -> tuple[float, float]:
+        """Weighted mean log-likelihood of the SFT rows, weighted accuracy on the pairs."""
         lp = 0.0
-        if xs is not None:
-            p = self._softmax(xs @ self.weights.T)
-            lp = float(np.log(np.clip(p[np.arange(len(y_idx)), y_idx], 1e-12, 1)).mean())
+        if xs is not None and ws is not None and ws.sum() > 0:
+            py = (self._softmax(xs @ self.weights.T) * onehot).sum(axis=1)
+            lp = float((ws * np.log(np.clip(py, 1e-12, 1))).sum() / ws.sum())
         acc = 0.0
-        if xp is not None:
-            margin = (self.weights[c_idx] * xp).sum(axis=1) - (self.weights[r_idx] * xp).sum(axis=1)
-            acc = float((margin > 0).mean())
+        if xp is not None and wp is not None and wp.sum() > 0:
+            margin = ((xp @ self.weights.T) * diff).sum(axis=1)
+            acc = float((wp * (margin > 0)).sum() / wp.sum())
         return lp, acc
 
     def copy(self, version: str) -> Policy:
