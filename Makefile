@@ -9,7 +9,7 @@ TOOLS := $(CURDIR)/.tools
 BUF_VERSION ?= v1.50.0
 BUF := $(TOOLS)/bin/buf
 STAMP := $(VENV)/.installed
-PROTO_OUT := clients/python/atlas_sidecar_client/_proto
+PROTO_OUT := clients/python/atlas_sidecar_client/_proto sidecar/control/adapters/_proto
 
 .PHONY: install proto proto-check buf run demo test lint bench clean help
 

@@ -4,6 +4,10 @@ The output folder is deleted first so nothing stale survives. protoc writes
 absolute imports (``from atlas.sidecar.v1 import events_pb2``); they are
 rewritten to point inside the client package, the same way other SDKs that
 vendor their generated code do.
+
+Vendored third-party protos (``third_party/<name>/*.proto``, other projects'
+APIs that adapters call) are generated the same way into the daemon package
+that uses them (see ``VENDORED``); they are not part of the contract.
 """
 
 from __future__ import annotations
@@ -20,6 +24,53 @@ PROTO_ROOT = ROOT / "proto"
 OUT = ROOT / "clients" / "python" / "atlas_sidecar_client" / "_proto"
 PKG = "atlas_sidecar_client._proto"
 BIN = Path(sys.executable).parent
+
+#: (proto folder, output folder, output package) of each vendored proto set.
+VENDORED = [
+    (
+        ROOT / "third_party" / "triton",
+        ROOT / "sidecar" / "control" / "adapters" / "_proto",
+        "sidecar.control.adapters._proto",
+    ),
+]
+
+
+def _protoc(root: Path, out: Path, protos: list[str]) -> int:
+    include = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{root}",
+        f"-I{include}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",
+        f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
+        *protos,
+    ]
+    rc = int(protoc.main(args))
+    if rc != 0:
+        print(f"protoc failed for {root}", file=sys.stderr)
+    return rc
+
+
+def _vendored() -> int:
+    for root, out, pkg in VENDORED:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        protos = sorted(str(p.relative_to(root)) for p in root.glob("*.proto"))
+        rc = _protoc(root, out, protos)
+        if rc != 0:
+            return rc
+        names = "|".join(re.escape(Path(p).stem) + "_pb2" for p in protos)
+        pattern = re.compile(rf"^import ({names})\b", re.M)
+        for path in out.glob("*"):
+            if path.suffix in {".py", ".pyi"}:
+                path.write_text(pattern.sub(rf"from {pkg} import \1", path.read_text()))
+        (out / "__init__.py").touch()
+    return 0
 
 
 def main() -> int:
@@ -54,7 +105,7 @@ def main() -> int:
             path.write_text(text)
     for d in [OUT, *[p for p in OUT.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()
-    return 0
+    return _vendored()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from atlas_sidecar_client.pb import (
     admin_pb2,
     admin_pb2_grpc,
     control_pb2,
+    control_pb2_grpc,
     ingest_pb2,
     ingest_pb2_grpc,
 )
@@ -26,6 +27,8 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
 from sidecar.config import SidecarConfig
+from sidecar.control import ControlChannel
+from sidecar.control.adapters import AdapterStage
 from sidecar.errors import PortInUseError
 from sidecar.ingest import IngestServicer
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
@@ -41,6 +44,15 @@ _SERVICE_NAMES = (
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
     active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"].full_name,
 )
+
+
+def _self_target(config: SidecarConfig) -> str:
+    """Where an in-process client reaches this daemon's gRPC server."""
+    addr = config.server.listen[0]
+    host, _, port = addr.rpartition(":")
+    if addr.startswith("unix:") or host not in ("0.0.0.0", "[::]", "::"):
+        return addr
+    return f"127.0.0.1:{port}"
 
 
 class Stage(Protocol):
@@ -60,7 +72,18 @@ class SidecarApp:
         self.retention = Retention(self.store, self.writer, config.store)
         self.ingest = IngestServicer(self.writer, config.ingest, config.server)
         self.handlers = AdminHandlers()
-        self.admin = AdminServicer(self.store, self.writer, self.handlers, ingest=self.ingest)
+        # -- control channel (sidecar/control): the desired state, reconciling
+        # every connected inference server to it (ControlService.Connect).
+        # The rollout engine drives it through the ControlPlane protocol.
+        self.control = ControlChannel(self.store, self.writer, config.control)
+        self.handlers.status["control"] = self.control.status
+        self.admin = AdminServicer(
+            self.store,
+            self.writer,
+            self.handlers,
+            ingest=self.ingest,
+            connected_servers=self.control.connected_servers,
+        )
         self.health = health.aio.HealthServicer()
         # Stages that read the event log register processors here before start.
         self.processors = ProcessorRunner(self.store, self.writer, [])
@@ -68,6 +91,14 @@ class SidecarApp:
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
         self.stages: list[Stage] = []
+        # The control channel starts before the stages that drive it. A
+        # configured adapter (control.adapter) joins it as one more replica,
+        # over this daemon's own gRPC address.
+        self.stages.append(self.control)
+        self.control_adapter = AdapterStage(config.control.adapter, _self_target(config))
+        self.stages.append(self.control_adapter)
+        if config.control.adapter.kind != "none":
+            self.handlers.status["control_adapter"] = self.control_adapter.status
         self.server: grpc.aio.Server | None = None
         self.web: WebServer | None = None
         self.ports: dict[str, int] = {}
@@ -122,6 +153,7 @@ class SidecarApp:
         )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.ingest, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
+        control_pb2_grpc.add_ControlServiceServicer_to_server(self.control.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -161,6 +193,9 @@ class SidecarApp:
         grace = self.config.server.grace_seconds
         await self.health.enter_graceful_shutdown()
         self.ingest.drain()
+        # Control streams live as long as their servers: end them now, or
+        # server.stop would wait out the whole grace period for them.
+        self.control.drain()
         if self.server is not None:
             await self.server.stop(grace)
         if self.web is not None:

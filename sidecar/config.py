@@ -11,15 +11,24 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sidecar.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "AdapterConfig",
+    "ControlConfig",
     "IngestConfig",
     "ServerConfig",
     "SidecarConfig",
@@ -110,10 +119,54 @@ class IngestConfig(_Section):
     max_inflight_batches: int = Field(default=64, ge=1)
 
 
+# -- control channel (sidecar/control) -----------------------------------------
+
+
+class AdapterConfig(_Section):
+    # Drive a model server that cannot run the client library: "vllm" (its
+    # runtime LoRA API), "triton" (the Triton / KServe v2 repository gRPC API,
+    # also served by MLServer), or "none" (servers connect themselves).
+    kind: Literal["none", "vllm", "triton"] = "none"
+    # vllm: base URL such as http://127.0.0.1:8000; triton: gRPC host:port.
+    url: str = ""
+    # The replica id the adapter reports in its Hello.
+    server_id: str = "adapter"
+    # Triton repository to load from ("" = any).
+    repository_name: str = ""
+    # Seconds one admin call (load, unload, list) may take. Big models load
+    # slowly; a short limit fails them, a long one notices a hung server late.
+    timeout_seconds: float = Field(default=120.0, gt=0)
+    # How often the adapter re-reads what the server has loaded; a change it
+    # did not make (the server restarted) reconnects with a fresh Hello so the
+    # sidecar reconciles it. Short notices sooner; long polls the server less.
+    resync_seconds: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_url(self) -> AdapterConfig:
+        if self.kind != "none" and not self.url:
+            raise ValueError(f"url is required when kind is {self.kind!r}")
+        return self
+
+
+class ControlConfig(_Section):
+    # Seconds a new ControlService.Connect stream may take to send its Hello
+    # before it is closed. Short frees a stuck stream sooner; long tolerates a
+    # slow server start.
+    hello_timeout_seconds: float = Field(default=10.0, gt=0)
+    # A directive the server answered with ok=false is sent again after this
+    # many seconds, doubling per failure up to retry_max_seconds. Short
+    # retries recover fast from a transient failure; long ones spare a server
+    # that keeps failing.
+    retry_initial_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=60.0, gt=0)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+
+
 class SidecarConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,15 @@
 """Control: the directive channel to inference servers, reconciliation, adapters."""
 
+from sidecar.control._channel import ControlChannel, ControlServicer, ProbeStatus, ReplicaStatus
 from sidecar.control._plane import ControlPlane, DesiredState, RouteSpec, ShadowSpec
 
-__all__ = ["ControlPlane", "DesiredState", "RouteSpec", "ShadowSpec"]
+__all__ = [
+    "ControlChannel",
+    "ControlPlane",
+    "ControlServicer",
+    "DesiredState",
+    "ProbeStatus",
+    "ReplicaStatus",
+    "RouteSpec",
+    "ShadowSpec",
+]

@@ -1,5 +1,15 @@
-"""Helpers for tests of code that uses the sidecar: a real daemon in a subprocess."""
+"""Helpers for tests of code that uses the sidecar: a real daemon in a subprocess,
+model servers for the control adapters (a vLLM-compatible LoRA API, a real MLServer)."""
 
 from sidecar.testing._daemon import DaemonProcess, free_port
+from sidecar.testing._mlserver import MLSERVER_REQUIREMENTS, MLServerProcess, ensure_mlserver_venv
+from sidecar.testing._vllm import FakeVllmServer
 
-__all__ = ["DaemonProcess", "free_port"]
+__all__ = [
+    "MLSERVER_REQUIREMENTS",
+    "DaemonProcess",
+    "FakeVllmServer",
+    "MLServerProcess",
+    "ensure_mlserver_venv",
+    "free_port",
+]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61tlas/sidecar/v1/control.proto\x12\x10\x61tlas.sidecar.v1\"r\n\rServerMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.atlas.sidecar.v1.HelloH\x00\x12,\n\x07\x61pplied\x18\x02 \x01(\x0b\x32\x19.atlas.sidecar.v1.AppliedH\x00\x42\t\n\x07message\"a\n\x05Hello\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x17\n\x0floaded_versions\x18\x02 \x03(\t\x12\x16\n\x0esplit_revision\x18\x03 \x01(\x04\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\":\n\x07\x41pplied\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x86\x02\n\tDirective\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12\x31\n\nload_model\x18\n \x01(\x0b\x32\x1b.atlas.sidecar.v1.LoadModelH\x00\x12\x35\n\x0cunload_model\x18\x0b \x01(\x0b\x32\x1d.atlas.sidecar.v1.UnloadModelH\x00\x12>\n\x11set_traffic_split\x18\x0c \x01(\x0b\x32!.atlas.sidecar.v1.SetTrafficSplitH\x00\x12/\n\trun_probe\x18\r \x01(\x0b\x32\x1a.atlas.sidecar.v1.RunProbeH\x00\x42\x08\n\x06\x61\x63tion\"2\n\tLoadModel\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x61rtifact_uri\x18\x02 \x01(\t\"\x1e\n\x0bUnloadModel\x12\x0f\n\x07version\x18\x01 \x01(\t\",\n\x05Route\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nweight_bps\x18\x02 \x01(\r\"-\n\x06Shadow\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nmirror_bps\x18\x02 \x01(\r\"\xa5\x01\n\x0fSetTrafficSplit\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\'\n\x06routes\x18\x02 \x03(\x0b\x32\x17.atlas.sidecar.v1.Route\x12(\n\x06shadow\x18\x03 \x01(\x0b\x32\x18.atlas.sidecar.v1.Shadow\x12\x15\n\rlease_seconds\x18\x04 \x01(\r\x12\x16\n\x0estable_version\x18\x05 \x01(\t\">\n\x08RunProbe\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08probe_id\x18\x02 \x01(\t\x12\x0f\n\x07prompts\x18\x03 \x03(\t2]\n\x0e\x43ontrolService\x12K\n\x07\x43onnect\x12\x1f.atlas.sidecar.v1.ServerMessage\x1a\x1b.atlas.sidecar.v1.Directive(\x01\x30\x01\x42QZOgithub.com/atlas-sidecar/atlas-sidecar/clients/go/atlassidecarv1;atlassidecarv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61tlas/sidecar/v1/control.proto\x12\x10\x61tlas.sidecar.v1\"r\n\rServerMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.atlas.sidecar.v1.HelloH\x00\x12,\n\x07\x61pplied\x18\x02 \x01(\x0b\x32\x19.atlas.sidecar.v1.AppliedH\x00\x42\t\n\x07message\"a\n\x05Hello\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x17\n\x0floaded_versions\x18\x02 \x03(\t\x12\x16\n\x0esplit_revision\x18\x03 \x01(\x04\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\"R\n\x07\x41pplied\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x16\n\x0esplit_revision\x18\x04 \x01(\x04\"\x86\x02\n\tDirective\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\t\x12\x31\n\nload_model\x18\n \x01(\x0b\x32\x1b.atlas.sidecar.v1.LoadModelH\x00\x12\x35\n\x0cunload_model\x18\x0b \x01(\x0b\x32\x1d.atlas.sidecar.v1.UnloadModelH\x00\x12>\n\x11set_traffic_split\x18\x0c \x01(\x0b\x32!.atlas.sidecar.v1.SetTrafficSplitH\x00\x12/\n\trun_probe\x18\r \x01(\x0b\x32\x1a.atlas.sidecar.v1.RunProbeH\x00\x42\x08\n\x06\x61\x63tion\"2\n\tLoadModel\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x61rtifact_uri\x18\x02 \x01(\t\"\x1e\n\x0bUnloadModel\x12\x0f\n\x07version\x18\x01 \x01(\t\",\n\x05Route\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nweight_bps\x18\x02 \x01(\r\"-\n\x06Shadow\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nmirror_bps\x18\x02 \x01(\r\"\xa5\x01\n\x0fSetTrafficSplit\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\'\n\x06routes\x18\x02 \x03(\x0b\x32\x17.atlas.sidecar.v1.Route\x12(\n\x06shadow\x18\x03 \x01(\x0b\x32\x18.atlas.sidecar.v1.Shadow\x12\x15\n\rlease_seconds\x18\x04 \x01(\r\x12\x16\n\x0estable_version\x18\x05 \x01(\t\">\n\x08RunProbe\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08probe_id\x18\x02 \x01(\t\x12\x0f\n\x07prompts\x18\x03 \x03(\t2]\n\x0e\x43ontrolService\x12K\n\x07\x43onnect\x12\x1f.atlas.sidecar.v1.ServerMessage\x1a\x1b.atlas.sidecar.v1.Directive(\x01\x30\x01\x42QZOgithub.com/atlas-sidecar/atlas-sidecar/clients/go/atlassidecarv1;atlassidecarv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_start=168
   _globals['_HELLO']._serialized_end=265
   _globals['_APPLIED']._serialized_start=267
-  _globals['_APPLIED']._serialized_end=325
-  _globals['_DIRECTIVE']._serialized_start=328
-  _globals['_DIRECTIVE']._serialized_end=590
-  _globals['_LOADMODEL']._serialized_start=592
-  _globals['_LOADMODEL']._serialized_end=642
-  _globals['_UNLOADMODEL']._serialized_start=644
-  _globals['_UNLOADMODEL']._serialized_end=674
-  _globals['_ROUTE']._serialized_start=676
-  _globals['_ROUTE']._serialized_end=720
-  _globals['_SHADOW']._serialized_start=722
-  _globals['_SHADOW']._serialized_end=767
-  _globals['_SETTRAFFICSPLIT']._serialized_start=770
-  _globals['_SETTRAFFICSPLIT']._serialized_end=935
-  _globals['_RUNPROBE']._serialized_start=937
-  _globals['_RUNPROBE']._serialized_end=999
-  _globals['_CONTROLSERVICE']._serialized_start=1001
-  _globals['_CONTROLSERVICE']._serialized_end=1094
+  _globals['_APPLIED']._serialized_end=349
+  _globals['_DIRECTIVE']._serialized_start=352
+  _globals['_DIRECTIVE']._serialized_end=614
+  _globals['_LOADMODEL']._serialized_start=616
+  _globals['_LOADMODEL']._serialized_end=666
+  _globals['_UNLOADMODEL']._serialized_start=668
+  _globals['_UNLOADMODEL']._serialized_end=698
+  _globals['_ROUTE']._serialized_start=700
+  _globals['_ROUTE']._serialized_end=744
+  _globals['_SHADOW']._serialized_start=746
+  _globals['_SHADOW']._serialized_end=791
+  _globals['_SETTRAFFICSPLIT']._serialized_start=794
+  _globals['_SETTRAFFICSPLIT']._serialized_end=959
+  _globals['_RUNPROBE']._serialized_start=961
+  _globals['_RUNPROBE']._serialized_end=1023
+  _globals['_CONTROLSERVICE']._serialized_start=1025
+  _globals['_CONTROLSERVICE']._serialized_end=1118
 # @@protoc_insertion_point(module_scope)

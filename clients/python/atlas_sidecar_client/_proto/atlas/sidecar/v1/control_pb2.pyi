@@ -91,20 +91,27 @@ class Applied(_message.Message):
     DIRECTIVE_ID_FIELD_NUMBER: _builtins.int
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SPLIT_REVISION_FIELD_NUMBER: _builtins.int
     directive_id: _builtins.str
     ok: _builtins.bool
     error: _builtins.str
     """Why it failed, when ok is false."""
+    split_revision: _builtins.int
+    """The traffic-split revision the server applies after this directive. A
+    server that already had a newer split reports that one, so the sidecar
+    knows the older split was ignored rather than applied.
+    """
     def __init__(
         self,
         *,
         directive_id: _builtins.str = ...,
         ok: _builtins.bool = ...,
         error: _builtins.str = ...,
+        split_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_id", b"directive_id", "error", b"error", "ok", b"ok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directive_id", b"directive_id", "error", b"error", "ok", b"ok", "split_revision", b"split_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
