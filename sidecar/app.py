@@ -9,12 +9,14 @@ the writer drained and the store closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, Protocol
 
 import grpc
 from atlas_sidecar_client.pb import (
     active_learning_pb2,
+    active_learning_pb2_grpc,
     admin_pb2,
     admin_pb2_grpc,
     control_pb2,
@@ -31,7 +33,22 @@ from sidecar.control import ControlChannel
 from sidecar.control.adapters import AdapterStage
 from sidecar.errors import PortInUseError
 from sidecar.ingest import IngestServicer
+from sidecar.learning import (
+    ActiveLearner,
+    ActiveLearningServicer,
+    FeedbackAnswerProcessor,
+    HashedNgramVectorizer,
+    HoldoutSet,
+    LearningScheduler,
+    MemoryConsolidation,
+    RegressionSuite,
+    SelectiveLearner,
+    SelectiveReplayComposer,
+    learning_quality_report,
+)
+from sidecar.scoring import FeedbackProcessor
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
+from sidecar.training import ModelRegistry, TrainingStage
 from sidecar.web import WebServer
 
 __all__ = ["SidecarApp", "Stage"]
@@ -88,6 +105,35 @@ class SidecarApp:
         # Stages that read the event log register processors here before start.
         self.processors = ProcessorRunner(self.store, self.writer, [])
         self.handlers.status["processing"] = self.processors.status
+
+        # -- what to learn from, what to remember, when to ask ------------------
+        # Memory and the holdout form the regression suite validation probes
+        # with; the composer is the learning batch's selection + replay step.
+        vectorizer = HashedNgramVectorizer(
+            config.selective.vector_dim, config.selective.ngram_sizes
+        )
+        self.memory = MemoryConsolidation(self.store, config.memory, vectorizer)
+        self.selective = SelectiveLearner(self.store, config.selective, self.memory)
+        self.holdout = HoldoutSet(self.store, config.holdout)
+        self.regression = RegressionSuite(self.store, self.holdout, self.memory)
+        self.composer = SelectiveReplayComposer(self.selective, self.memory, self.holdout)
+        self.active = ActiveLearner(
+            config.active_learning, config.selective.uncertainty, store=self.store
+        )
+        self.active_servicer = ActiveLearningServicer(
+            self.active,
+            max_id_bytes=config.ingest.max_id_bytes,
+            max_logprobs=config.ingest.max_logprobs,
+        )
+        self.processors.add(FeedbackAnswerProcessor(self.active, self.store))
+        self.handlers.status["selective"] = self.selective.status
+        self.handlers.status["memory"] = self.memory.status
+        self.handlers.status["holdout"] = self.holdout.status
+        self.handlers.status["active_learning"] = self.active.status
+        # for the learning report: memory per task, holdout size, ask/answer rates
+        self.learning_quality = functools.partial(
+            learning_quality_report, self.memory, self.holdout, self.active
+        )
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
         self.stages: list[Stage] = []
@@ -99,6 +145,40 @@ class SidecarApp:
         self.stages.append(self.control_adapter)
         if config.control.adapter.kind != "none":
             self.handlers.status["control_adapter"] = self.control_adapter.status
+
+        # -- learning: join/score/curate on the log, the scheduler, training ----
+        # Others plug in here: the rollout engine sets
+        # ``scheduler.rollout_active`` and appends to ``registry.on_registered``;
+        # selective learning and memory append steps to ``training.composer``
+        # (a ComposerChain) and may listen to ``scoring.sample_listeners``.
+        lcfg = config.learning
+        self.registry = ModelRegistry(
+            self.store, self.writer, base_version=config.training.base_version
+        )
+        self.scoring = FeedbackProcessor(
+            self.store,
+            config.scoring,
+            baseline_samples=lcfg.baseline_samples,
+            recent_samples=lcfg.recent_samples,
+            on_primary_version=self.registry.observe_primary_version,
+        )
+        self.processors.add(self.scoring)
+        self.scheduler = LearningScheduler(
+            self.store, lcfg, stable_version=self.registry.stable_version_txn
+        )
+        self.training = TrainingStage(
+            self.store,
+            self.writer,
+            config,
+            scheduler=self.scheduler,
+            registry=self.registry,
+            scoring=self.scoring,
+        )
+        self.stages.append(self.training)
+        self.handlers.registry = self.registry
+        self.handlers.learning = self.training
+        self.handlers.status["learning"] = self.training.status
+        self.stages.append(self.active)
         self.server: grpc.aio.Server | None = None
         self.web: WebServer | None = None
         self.ports: dict[str, int] = {}
@@ -153,6 +233,9 @@ class SidecarApp:
         )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.ingest, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
+        active_learning_pb2_grpc.add_ActiveLearningServiceServicer_to_server(
+            self.active_servicer, server
+        )
         control_pb2_grpc.add_ControlServiceServicer_to_server(self.control.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -3,6 +3,8 @@
 atlas-sidecar serve [--config FILE] [--listen ADDR] [--http-listen ADDR] [--data-dir DIR]
 atlas-sidecar status [--target ADDR] [--json]
 atlas-sidecar validate-config FILE
+atlas-sidecar export --kind sft|dpo|kto --out FILE [--since TIME]
+atlas-sidecar reprocess --data-dir DIR [--config FILE]
 atlas-sidecar demo
 """
 
@@ -33,7 +35,14 @@ EXTRA_COMMANDS: dict[
 ] = {}
 
 
+def _register_stage_commands() -> None:
+    from sidecar.training._cli import register
+
+    register(EXTRA_COMMANDS)
+
+
 def _parser() -> argparse.ArgumentParser:
+    _register_stage_commands()
     p = argparse.ArgumentParser(
         prog="atlas-sidecar",
         description="A continuous-learning sidecar for inference servers.",

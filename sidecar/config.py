@@ -27,12 +27,19 @@ from sidecar.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "ActiveLearningConfig",
     "AdapterConfig",
     "ControlConfig",
+    "HoldoutConfig",
     "IngestConfig",
+    "LearningConfig",
+    "MemoryConfig",
+    "ScoringConfig",
+    "SelectiveConfig",
     "ServerConfig",
     "SidecarConfig",
     "StoreConfig",
+    "TrainingConfig",
     "load_config",
 ]
 
@@ -119,6 +126,257 @@ class IngestConfig(_Section):
     max_inflight_batches: int = Field(default=64, ge=1)
 
 
+# -- learning: scoring, scheduler, training ----------------------------------
+
+
+class ScoringConfig(_Section):
+    # Implicit signal weights (seed defaults; THUMBS_UP/DOWN and EDIT added for
+    # the contract's signals). Changing any weight creates a new weight
+    # version; `atlas-sidecar reprocess` recomputes old scores with it.
+    signal_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "COPY": 0.8,
+            "SHARE": 0.9,
+            "RETRY": -0.3,
+            "DISMISS": -0.5,
+            "ENGAGE": 0.6,
+            "THUMBS_UP": 1.0,
+            "THUMBS_DOWN": -1.0,
+            "EDIT": -0.2,
+        }
+    )
+    # Share of the explicit rating vs the implicit signals when both exist.
+    explicit_weight: float = Field(default=0.5, ge=0)
+    implicit_weight: float = Field(default=0.5, ge=0)
+    # Reward of a request with no feedback in its window. Sits between the
+    # negative and positive rewards so that silence never looks like praise
+    # or like a complaint.
+    default_reward: float = Field(default=0.5, ge=0, le=1)
+    # How long after an answer feedback still counts (and how long feedback
+    # that came first waits for its answer). Longer catches slow users but
+    # delays training data and holds more open requests in the store.
+    reward_window_seconds: float = Field(default=600.0, gt=0)
+    # Dwell time at or above this counts as an ENGAGE signal (0 disables).
+    dwell_engage_ms: int = Field(default=10_000, ge=0)
+    # Reward at or above which a sample is trained on as SFT (and labelled
+    # desirable for KTO). Higher means cleaner but fewer samples.
+    quality_threshold: float = Field(default=0.7, ge=0, le=1)
+    # Smallest reward difference that makes two answers to the same prompt a
+    # preference pair. Lower gives more pairs, noisier ones.
+    pair_margin: float = Field(default=0.2, gt=0, le=1)
+    # How many earlier answers to the same prompt a new one is compared with,
+    # and how many score pairs it may form. More gives more pairs from
+    # popular prompts, at the cost of processing time and near-duplicates.
+    pair_lookback: int = Field(default=16, ge=0)
+    pairs_per_sample: int = Field(default=2, ge=0)
+    # Quarantine: a feedback source (user or session) whose mean rating is a
+    # robust-z outlier is not trained on. Needs this many ratings from the
+    # source and this many sources before judging anyone.
+    quarantine_min_history: int = Field(default=5, ge=1)
+    quarantine_min_sources: int = Field(default=5, ge=3)
+    # |robust z| above which a source is quarantined (3.5 is the usual cut
+    # for the median/MAD z-score). Lower quarantines more honest outliers.
+    quarantine_z: float = Field(default=3.5, gt=0)
+
+    @field_validator("signal_weights")
+    @classmethod
+    def _check_signals(cls, value: dict[str, float]) -> dict[str, float]:
+        known = {"COPY", "SHARE", "RETRY", "DISMISS", "ENGAGE", "THUMBS_UP", "THUMBS_DOWN", "EDIT"}
+        for name, weight in value.items():
+            if name not in known:
+                raise ValueError(f"unknown signal {name!r} (known: {', '.join(sorted(known))})")
+            if not -1.0 <= weight <= 1.0:
+                raise ValueError(f"weight of {name} must be in [-1, 1], got {weight}")
+        return value
+
+
+class LearningConfig(_Section):
+    # sample_count trigger: new qualifying samples (SFT samples and pairs)
+    # since the last update. Lower learns sooner from less evidence.
+    sample_count: int = Field(default=100, ge=1)
+    # time_interval trigger: seconds since the last update, provided at least
+    # time_min_samples new qualifying samples exist.
+    time_interval_seconds: float = Field(default=3600.0, gt=0)
+    time_min_samples: int = Field(default=10, ge=1)
+    # performance_drop trigger: the stable model's recent mean reward fell
+    # this much below its baseline (the mean of its first baseline_samples
+    # rewarded answers). Needs baseline_samples + recent_samples answers.
+    performance_drop: float = Field(default=0.1, gt=0, le=1)
+    baseline_samples: int = Field(default=100, ge=1)
+    recent_samples: int = Field(default=100, ge=1)
+    # error_threshold trigger: the stable model's recent error rate (over
+    # about recent_samples requests) reached this, after min_requests.
+    error_threshold: float = Field(default=0.05, gt=0, le=1)
+    min_requests: int = Field(default=50, ge=1)
+    # Rate limit: minimum seconds between updates and most updates per day.
+    min_interval_seconds: float = Field(default=300.0, ge=0)
+    max_updates_per_day: int = Field(default=24, ge=1)
+    # After a failed training run the next update waits at least this long,
+    # doubling per consecutive failure (capped at a day). Shorter retries a
+    # flaky trainer sooner; longer spares a broken one.
+    failure_backoff_seconds: float = Field(default=60.0, ge=0)
+    # How often the scheduler evaluates its triggers.
+    evaluate_interval_seconds: float = Field(default=1.0, gt=0)
+
+
+class TrainingConfig(_Section):
+    # Trainer hook: "none" (export only), "command" (run argv) or "http"
+    # (POST the manifest).
+    hook: str = "none"
+    # argv template for hook=command; {dataset_dir}, {output_dir},
+    # {base_version} and {update_id} are substituted per argument.
+    command: list[str] = Field(default_factory=list)
+    # URL for hook=http, and how many times a failed POST is retried.
+    http_url: str = ""
+    http_retries: int = Field(default=3, ge=0)
+    # A training run longer than this is killed and recorded as failed.
+    timeout_seconds: float = Field(default=3600.0, gt=0)
+    # The version traffic starts on; empty: the first model_version seen in
+    # PRIMARY traffic becomes the stable version.
+    base_version: str = ""
+
+    @field_validator("hook")
+    @classmethod
+    def _check_hook(cls, value: str) -> str:
+        if value not in ("none", "command", "http"):
+            raise ValueError(f"must be one of none, command, http; got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_hook_args(self) -> TrainingConfig:
+        if self.hook == "command" and not self.command:
+            raise ValueError("command: hook=command needs an argv template")
+        if self.hook == "http" and not self.http_url.startswith(("http://", "https://")):
+            raise ValueError("http_url: hook=http needs an http(s):// URL")
+        return self
+
+
+# -- selective learning, memory, holdout, active learning ---------------------
+
+
+class SelectiveConfig(_Section):
+    # Weights of each feature in a sample's value (normalized by their sum).
+    # Raising one makes the learning batch favour samples strong in it.
+    uncertainty_weight: float = Field(default=0.3, ge=0)
+    novelty_weight: float = Field(default=0.25, ge=0)
+    error_weight: float = Field(default=0.2, ge=0)
+    expertise_weight: float = Field(default=0.1, ge=0)
+    priority_weight: float = Field(default=0.15, ge=0)
+    # Samples below this value are not trained on. Higher trains on fewer,
+    # more informative samples; lower uses more of the data.
+    value_threshold: float = Field(default=0.3, ge=0, le=1)
+    # Most new samples per learning batch, highest value first (0: no cap).
+    # Bounds training time per update; the rest waits for the next update.
+    max_batch_samples: int = Field(default=1000, ge=0)
+    # How token log-probs become uncertainty: "nll" (1 - geometric mean token
+    # probability) or "entropy" (mean binary entropy of the chosen tokens).
+    uncertainty: Literal["nll", "entropy"] = "nll"
+    # Uncertainty assumed for a sample without log-probs (neither favoured
+    # nor penalized at 0.5).
+    default_uncertainty: float = Field(default=0.5, ge=0, le=1)
+    # Hashed character n-gram vectors for novelty and memory diversity:
+    # more dimensions mean fewer hash collisions and more memory per sample.
+    vector_dim: int = Field(default=1024, ge=8, le=65536)
+    ngram_sizes: list[int] = Field(default_factory=lambda: [3, 4], min_length=1)
+    # Attribute holding the score the model was expected to get; without it
+    # the expectation is the task's running mean reward (an EWMA with this
+    # weight on the newest sample: higher follows drift faster, noisier).
+    expected_score_attribute: str = "expected_score"
+    expected_score_alpha: float = Field(default=0.05, gt=0, le=1)
+    # User expertise: a number in [0, 1] or a level named in expertise_levels;
+    # missing or unknown counts as default_expertise.
+    expertise_attribute: str = "user_expertise"
+    expertise_levels: dict[str, float] = Field(
+        default_factory=lambda: {"novice": 0.2, "intermediate": 0.5, "expert": 1.0}
+    )
+    default_expertise: float = Field(default=0.5, ge=0, le=1)
+    # Task priority: a number in [0, 1] or a level named in priority_levels;
+    # task_priorities sets it per task_id when the attribute is missing.
+    priority_attribute: str = "priority"
+    priority_levels: dict[str, float] = Field(
+        default_factory=lambda: {"low": 0.2, "normal": 0.5, "high": 0.8, "critical": 1.0}
+    )
+    task_priorities: dict[str, float] = Field(default_factory=dict)
+    default_priority: float = Field(default=0.5, ge=0, le=1)
+
+    @field_validator("ngram_sizes")
+    @classmethod
+    def _check_ngrams(cls, value: list[int]) -> list[int]:
+        if any(n < 1 or n > 16 for n in value):
+            raise ValueError("every n-gram size must be between 1 and 16")
+        return value
+
+    @field_validator("expertise_levels", "priority_levels", "task_priorities")
+    @classmethod
+    def _check_levels(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, level in value.items():
+            if not 0.0 <= level <= 1.0:
+                raise ValueError(f"{key!r}: must be in [0, 1], got {level}")
+        return value
+
+
+class MemoryConfig(_Section):
+    # Samples remembered per task. More keeps more of the past for replay and
+    # regression checks; selection cost grows with it (quadratically).
+    capacity_per_task: int = Field(default=1000, ge=1, le=100_000)
+    # Share of replayed rows in each learning batch. Higher protects old
+    # tasks against forgetting; lower learns the new data faster.
+    replay_ratio: float = Field(default=0.5, ge=0, lt=1)
+    # Attribute naming a sample's task; samples without it share default_task.
+    task_attribute: str = "task_id"
+    default_task: str = "default"
+    # How much a sample's importance (its value) stretches its distance in the
+    # diversity selection: 0 keeps the most diverse set regardless of value,
+    # near 1 strongly favours valuable samples.
+    importance_weight: float = Field(default=0.5, ge=0, lt=1)
+
+
+class HoldoutConfig(_Section):
+    # Share of good samples per task set aside, never trained on, for
+    # validation. More gives a sharper regression check, less training data.
+    fraction: float = Field(default=0.1, ge=0, lt=1)
+    # Holdout samples kept per task (0: no cap). Past the cap every new
+    # sample goes to training.
+    max_per_task: int = Field(default=1000, ge=0)
+    # Share of regression prompts drawn from the holdout (the rest from
+    # memory): unseen data checks generalization, memory checks forgetting.
+    regression_holdout_share: float = Field(default=0.5, ge=0, le=1)
+
+
+class ActiveLearningConfig(_Section):
+    # Share of requests the sidecar tells the server to ask feedback for.
+    # More feedback vs more interruptions for users.
+    target_ask_rate: float = Field(default=0.1, gt=0, le=1)
+    # Asked at random whatever the uncertainty, so confident answers are
+    # checked too (part of the target rate, not on top of it).
+    baseline_random_rate: float = Field(default=0.02, ge=0, le=1)
+    # Most asks per user per hour; 0 disables the budget. Anonymous requests
+    # (no user_id) have no budget.
+    max_asks_per_user_per_hour: int = Field(default=5, ge=0)
+    # Streaming quantile: the threshold is that quantile of the last
+    # quantile_window uncertainties, recomputed every quantile_refresh calls.
+    # A longer window is steadier, a shorter one follows drift sooner.
+    quantile_window: int = Field(default=4096, ge=16)
+    quantile_refresh: int = Field(default=64, ge=1)
+    # Threshold used until min_observations uncertainties have been seen.
+    initial_threshold: float = Field(default=0.5, ge=0, le=1)
+    min_observations: int = Field(default=64, ge=1)
+    # How long an ask waits for its answer (feedback on the same request_id),
+    # and how many unanswered asks and known users are tracked at once.
+    answer_window_seconds: float = Field(default=86400, gt=0)
+    max_tracked_asks: int = Field(default=200_000, ge=1)
+    max_tracked_users: int = Field(default=100_000, ge=1)
+    # What the server shows the user, and the answers it offers.
+    message: str = "How would you rate this response?"
+    options: list[str] = Field(default_factory=lambda: ["Helpful", "Not helpful", "Needs fixing"])
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> ActiveLearningConfig:
+        if self.baseline_random_rate > self.target_ask_rate:
+            raise ValueError("baseline_random_rate must not exceed target_ask_rate")
+        return self
+
+
 # -- control channel (sidecar/control) -----------------------------------------
 
 
@@ -166,6 +424,13 @@ class SidecarConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    learning: LearningConfig = Field(default_factory=LearningConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    selective: SelectiveConfig = Field(default_factory=SelectiveConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    holdout: HoldoutConfig = Field(default_factory=HoldoutConfig)
+    active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
 
 

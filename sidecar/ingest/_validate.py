@@ -1,4 +1,9 @@
-"""Per-event validation. Returns a reason naming the bad field, or None."""
+"""Per-event validation. Returns a reason naming the bad field, or None.
+
+This runs for every event on the ingest path, so each field is read once
+and the exact UTF-8 length is only computed when ``4 * len(text)`` could
+exceed a limit (a str of n code points is between n and 4n UTF-8 bytes).
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,15 @@ __all__ = ["EventValidator"]
 
 _ROLES = frozenset(events_pb2.Role.values())
 _SIGNALS = frozenset(events_pb2.Signal.values())
+_INF = math.inf
 
 
-def _utf8_len(text: str) -> int:
-    # len(text) is a lower bound of the UTF-8 length and 4x an upper bound.
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
+def _over(text: str, limit: int) -> bool:
+    """Whether ``text`` is longer than ``limit`` UTF-8 bytes (the slow, exact check)."""
+    n = len(text)
+    if n > limit:
+        return True
+    return n * 4 > limit and len(text.encode("utf-8")) > limit
 
 
 class EventValidator:
@@ -24,10 +33,102 @@ class EventValidator:
 
     def __init__(self, config: IngestConfig) -> None:
         self._c = config
+        self._id = config.max_id_bytes
+        self._id4 = config.max_id_bytes // 4
+        self._text = config.max_text_bytes
+        self._text4 = config.max_text_bytes // 4
 
-    def _text(self, field: str, value: str, limit: int) -> str | None:
-        if len(value) > limit // 4 and _utf8_len(value) > limit:
-            return f"{field}: longer than {limit} bytes"
+    def check(self, event: events_pb2.Event) -> str | None:
+        eid = event.event_id
+        if not eid:
+            return "event_id: required"
+        if len(eid) > self._id4 and _over(eid, self._id):
+            return f"event_id: longer than {self._id} bytes"
+        kind = event.WhichOneof("payload")
+        if kind == "inference":
+            return self._inference(event.inference)
+        if kind == "feedback":
+            return self._feedback(event.feedback)
+        return "payload: one of inference or feedback is required"
+
+    def _ids(self, prefix: str, fields: tuple[tuple[str, str], ...]) -> str | None:
+        for name, value in fields:
+            if len(value) > self._id4 and _over(value, self._id):
+                return f"{prefix}.{name}: longer than {self._id} bytes"
+        return None
+
+    def _inference(self, inf: events_pb2.Inference) -> str | None:
+        rid = inf.request_id
+        version = inf.model_version
+        if not rid:
+            return "inference.request_id: required"
+        if not version:
+            return "inference.model_version: required"
+        code, session, user, retry = inf.error_code, inf.session_id, inf.user_id, inf.retry_of
+        if max(len(rid), len(version), len(code), len(session), len(user), len(retry)) > self._id4:
+            reason = self._ids(
+                "inference",
+                (
+                    ("request_id", rid),
+                    ("model_version", version),
+                    ("error_code", code),
+                    ("session_id", session),
+                    ("user_id", user),
+                    ("retry_of", retry),
+                ),
+            )
+            if reason:
+                return reason
+        role = inf.role
+        if role not in _ROLES:
+            return f"inference.role: unknown enum value {role}"
+        latency = inf.latency_ms
+        if not (0.0 <= latency < _INF):
+            return f"inference.latency_ms: must be a finite number >= 0, got {latency}"
+        prompt, response = inf.prompt, inf.response
+        if max(len(prompt), len(response)) > self._text4:
+            for name, value in (("prompt", prompt), ("response", response)):
+                if _over(value, self._text):
+                    return f"inference.{name}: longer than {self._text} bytes"
+        lps = inf.token_logprobs
+        if lps:
+            if len(lps) > self._c.max_logprobs:
+                return f"inference.token_logprobs: more than {self._c.max_logprobs} values"
+            if not (min(lps) > -_INF and max(lps) <= 0.0) or any(x != x for x in lps):
+                for i, lp in enumerate(lps):
+                    if not (-_INF < lp <= 0.0):
+                        return (
+                            f"inference.token_logprobs[{i}]: must be a finite number <= 0, got {lp}"
+                        )
+        attrs = inf.attributes
+        if attrs:
+            return self._attributes("inference.attributes", attrs)
+        return None
+
+    def _feedback(self, fb: events_pb2.Feedback) -> str | None:
+        rid = fb.request_id
+        if not rid:
+            return "feedback.request_id: required"
+        user, session = fb.user_id, fb.session_id
+        if max(len(rid), len(user), len(session)) > self._id4:
+            reason = self._ids(
+                "feedback", (("request_id", rid), ("user_id", user), ("session_id", session))
+            )
+            if reason:
+                return reason
+        if fb.HasField("rating"):
+            r = fb.rating
+            if not (0.0 <= r <= 1.0):
+                return f"feedback.rating: must be within [0, 1], got {r}"
+        signal = fb.signal
+        if signal not in _SIGNALS:
+            return f"feedback.signal: unknown enum value {signal}"
+        correction = fb.correction
+        if len(correction) > self._text4 and _over(correction, self._text):
+            return f"feedback.correction: longer than {self._text} bytes"
+        attrs = fb.attributes
+        if attrs:
+            return self._attributes("feedback.attributes", attrs)
         return None
 
     def _attributes(self, field: str, attrs: object) -> str | None:
@@ -36,88 +137,8 @@ class EventValidator:
         if len(items) > c.max_attributes:
             return f"{field}: more than {c.max_attributes} entries"
         for key, value in items:
-            if _utf8_len(key) > c.max_attribute_key_bytes:
+            if _over(key, c.max_attribute_key_bytes):
                 return f"{field}: key longer than {c.max_attribute_key_bytes} bytes"
-            if _utf8_len(value) > c.max_attribute_value_bytes:
+            if _over(value, c.max_attribute_value_bytes):
                 return f"{field}[{key!r}]: value longer than {c.max_attribute_value_bytes} bytes"
-        return None
-
-    def check(self, event: events_pb2.Event) -> str | None:
-        c = self._c
-        eid = event.event_id
-        if not eid:
-            return "event_id: required"
-        if _utf8_len(eid) > c.max_id_bytes:
-            return f"event_id: longer than {c.max_id_bytes} bytes"
-        kind = event.WhichOneof("payload")
-        if kind == "inference":
-            return self._inference(event.inference)
-        if kind == "feedback":
-            return self._feedback(event.feedback)
-        return "payload: one of inference or feedback is required"
-
-    def _inference(self, inf: events_pb2.Inference) -> str | None:
-        c = self._c
-        if not inf.request_id:
-            return "inference.request_id: required"
-        if _utf8_len(inf.request_id) > c.max_id_bytes:
-            return f"inference.request_id: longer than {c.max_id_bytes} bytes"
-        if not inf.model_version:
-            return "inference.model_version: required"
-        if inf.role not in _ROLES:
-            return f"inference.role: unknown enum value {inf.role}"
-        latency = inf.latency_ms
-        if not (latency >= 0.0) or math.isinf(latency):
-            return f"inference.latency_ms: must be a finite number >= 0, got {latency}"
-        for field, value in (
-            ("inference.prompt", inf.prompt),
-            ("inference.response", inf.response),
-        ):
-            reason = self._text(field, value, c.max_text_bytes)
-            if reason:
-                return reason
-        for field, value in (
-            ("inference.model_version", inf.model_version),
-            ("inference.error_code", inf.error_code),
-            ("inference.session_id", inf.session_id),
-            ("inference.user_id", inf.user_id),
-            ("inference.retry_of", inf.retry_of),
-        ):
-            if value and _utf8_len(value) > c.max_id_bytes:
-                return f"{field}: longer than {c.max_id_bytes} bytes"
-        lps = inf.token_logprobs
-        if lps:
-            if len(lps) > c.max_logprobs:
-                return f"inference.token_logprobs: more than {c.max_logprobs} values"
-            for i, lp in enumerate(lps):
-                if not (lp <= 0.0) or math.isinf(lp):
-                    return f"inference.token_logprobs[{i}]: must be a finite number <= 0, got {lp}"
-        if inf.attributes:
-            return self._attributes("inference.attributes", inf.attributes)
-        return None
-
-    def _feedback(self, fb: events_pb2.Feedback) -> str | None:
-        c = self._c
-        if not fb.request_id:
-            return "feedback.request_id: required"
-        if _utf8_len(fb.request_id) > c.max_id_bytes:
-            return f"feedback.request_id: longer than {c.max_id_bytes} bytes"
-        if fb.HasField("rating"):
-            r = fb.rating
-            if not (0.0 <= r <= 1.0):
-                return f"feedback.rating: must be within [0, 1], got {r}"
-        if fb.signal not in _SIGNALS:
-            return f"feedback.signal: unknown enum value {fb.signal}"
-        if fb.correction:
-            reason = self._text("feedback.correction", fb.correction, c.max_text_bytes)
-            if reason:
-                return reason
-        for field, value in (
-            ("feedback.user_id", fb.user_id),
-            ("feedback.session_id", fb.session_id),
-        ):
-            if value and _utf8_len(value) > c.max_id_bytes:
-                return f"{field}: longer than {c.max_id_bytes} bytes"
-        if fb.attributes:
-            return self._attributes("feedback.attributes", fb.attributes)
         return None

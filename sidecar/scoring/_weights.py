@@ -17,11 +17,24 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import lmdb
 from atlas_sidecar_client.pb import events_pb2
 
-__all__ = ["DEFAULT_SIGNAL_WEIGHTS", "Score", "WeightTable", "score_feedback"]
+from sidecar.store import Store, decode_u64, encode_u64
+
+__all__ = [
+    "DEFAULT_SIGNAL_WEIGHTS",
+    "Score",
+    "WeightTable",
+    "current_weight_version",
+    "ensure_weight_version",
+    "read_weight_versions",
+    "score_feedback",
+    "table_to_dict",
+]
 
 S = events_pb2.Signal
+_SIGNAL_NAMES: dict[int, str] = {int(v): k for k, v in S.items()}
 
 #: The seed's defaults; thumbs and edits added for the contract's signals.
 DEFAULT_SIGNAL_WEIGHTS: Mapping[str, float] = {
@@ -47,9 +60,8 @@ class WeightTable:
     default_reward: float = 0.5
 
     def weight(self, signal: int) -> float:
-        if signal not in S.values():
-            return 0.0
-        return float(self.signals.get(S.Name(signal), 0.0))  # type: ignore[arg-type]
+        name = _SIGNAL_NAMES.get(signal)
+        return float(self.signals.get(name, 0.0)) if name else 0.0
 
     def fingerprint(self) -> str:
         """A stable hash; a different table gets a different weight version."""
@@ -97,3 +109,57 @@ def score_feedback(
         signed = explicit if explicit is not None else implicit  # type: ignore[assignment]
     signed = _clamp(signed)
     return Score(signed, True, (signed + 1.0) / 2.0)
+
+
+# -- weight versions -----------------------------------------------------------
+
+_WEIGHTS_CURRENT = b"scoring/weights/current"
+_WEIGHTS_VERSION = b"scoring/weights/v/"
+
+
+def table_to_dict(table: WeightTable) -> dict[str, object]:
+    return {
+        "signals": dict(sorted(table.signals.items())),
+        "explicit_weight": table.explicit_weight,
+        "implicit_weight": table.implicit_weight,
+        "default_reward": table.default_reward,
+        "fingerprint": table.fingerprint(),
+    }
+
+
+def ensure_weight_version(txn: lmdb.Transaction, store: Store, table: WeightTable) -> int:
+    """The version number of ``table``, creating the next one when it differs
+    from the current table (writer thread only). Versions start at 1 and
+    are never reused, so every stored score names the table it came from."""
+    meta = store.db("meta")
+    raw = txn.get(_WEIGHTS_CURRENT, db=meta)
+    current = decode_u64(raw) if raw else 0
+    fp = table.fingerprint()
+    if current:
+        raw_doc = txn.get(_WEIGHTS_VERSION + encode_u64(current), db=meta)
+        if raw_doc is not None and json.loads(bytes(raw_doc)).get("fingerprint") == fp:
+            return current
+    version = current + 1
+    doc = {"version": version, **table_to_dict(table)}
+    txn.put(_WEIGHTS_VERSION + encode_u64(version), json.dumps(doc).encode(), db=meta)
+    txn.put(_WEIGHTS_CURRENT, encode_u64(version), db=meta)
+    return version
+
+
+def read_weight_versions(txn: lmdb.Transaction, store: Store) -> list[dict[str, object]]:
+    """Every weight table ever used, oldest first (``version``, weights, fingerprint)."""
+    meta = store.db("meta")
+    out: list[dict[str, object]] = []
+    with txn.cursor(db=meta) as cur:
+        if not cur.set_range(_WEIGHTS_VERSION):
+            return out
+        for key, value in cur:
+            if not bytes(key).startswith(_WEIGHTS_VERSION):
+                break
+            out.append(json.loads(bytes(value)))
+    return out
+
+
+def current_weight_version(txn: lmdb.Transaction, store: Store) -> int:
+    raw = txn.get(_WEIGHTS_CURRENT, db=store.db("meta"))
+    return decode_u64(raw) if raw else 0

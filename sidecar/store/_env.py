@@ -27,7 +27,9 @@ SCHEMA_VERSION = 1
 #: Every named database of DESIGN.md section 4, created at open (empty until
 #: the stage that owns it writes). ``dead_letters`` holds events a processor
 #: could not handle, with the reason; ``history`` is the
-#: append-only learning history (see ``_history.py``).
+#: append-only learning history (see ``_history.py``); ``windows`` orders
+#: open requests by the end of their reward window and ``prompts`` indexes
+#: scored answers by prompt (both owned by scoring).
 DB_NAMES: tuple[str, ...] = (
     "events",
     "event_ids",
@@ -42,6 +44,8 @@ DB_NAMES: tuple[str, ...] = (
     "directives",
     "dead_letters",
     "history",
+    "windows",
+    "prompts",
     "meta",
 )
 

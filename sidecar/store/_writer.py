@@ -23,7 +23,7 @@ import lmdb
 
 from sidecar.config import StoreConfig
 from sidecar.errors import StoreError, StoreFullError
-from sidecar.store._codec import decode_u64, encode_id_value, encode_log_value, encode_u64
+from sidecar.store._codec import decode_u64, encode_u64
 from sidecar.store._env import Store
 
 __all__ = ["IngestResult", "StoreWriter", "WriterStats"]
@@ -286,22 +286,12 @@ class StoreWriter:
             for job in jobs:
                 if isinstance(job, _IngestJob):
                     first = seq
-                    rows: list[tuple[bytes, bytes]] = []
-                    dups = 0
-                    put = txn.put
-                    for event_id, payload in job.items:
-                        if put(event_id, encode_id_value(seq, now_ms), db=ids_db, overwrite=False):
-                            rows.append((encode_u64(seq), encode_log_value(now_ms, payload)))
-                            seq += 1
-                        else:
-                            dups += 1
-                    if rows:
-                        with txn.cursor(db=events_db) as cur:
-                            cur.putmulti(rows, append=True)
-                    accepted_total += len(rows)
+                    seq, dups = _append_events(txn, ids_db, events_db, job.items, seq, now_ms)
+                    accepted = seq - first
+                    accepted_total += accepted
                     dup_total += dups
                     rejected_total += job.rejected
-                    results.append(IngestResult(len(rows), dups, first, seq - 1))
+                    results.append(IngestResult(accepted, dups, first, seq - 1))
                 else:
                     child = store.env.begin(write=True, parent=txn)
                     try:
@@ -331,6 +321,50 @@ class StoreWriter:
                         old = decode_u64(raw) if raw else 0
                         txn.put(key, encode_u64(old + counts[name]), db=meta)
         return results, seq, counts
+
+
+def _append_events(
+    txn: lmdb.Transaction,
+    ids_db: Any,
+    events_db: Any,
+    items: Sequence[tuple[bytes, bytes]],
+    seq: int,
+    now_ms: int,
+) -> tuple[int, int]:
+    """Dedupes ``items`` by event id and appends the new ones to the log.
+
+    Returns (next seq, duplicates). The common case, no duplicate, costs one
+    ``putmulti`` per database. When some id already existed, ``putmulti``
+    still added every new one; those are told apart by the value just
+    written (it names the tentative seq), renumbered without gaps, and only
+    then appended.
+    """
+    if not items:
+        return seq, 0
+    now = encode_u64(now_ms)
+    id_rows = [(eid, encode_u64(seq + i) + now) for i, (eid, _) in enumerate(items)]
+    with txn.cursor(db=ids_db) as cur:
+        _consumed, added = cur.putmulti(id_rows, overwrite=False)
+    if added == len(items):
+        log_rows = [(encode_u64(seq + i), now + payload) for i, (_, payload) in enumerate(items)]
+        with txn.cursor(db=events_db) as cur:
+            cur.putmulti(log_rows, append=True)
+        return seq + len(items), 0
+    log_rows = []
+    seen: set[bytes] = set()
+    next_seq = seq
+    for (eid, payload), (_, tentative) in zip(items, id_rows, strict=True):
+        if eid in seen or txn.get(eid, db=ids_db) != tentative:
+            continue  # stored before this batch, or earlier in this batch
+        seen.add(eid)
+        if tentative[:8] != encode_u64(next_seq):  # a duplicate before it shifted its seq
+            txn.put(eid, encode_u64(next_seq) + now, db=ids_db)
+        log_rows.append((encode_u64(next_seq), now + payload))
+        next_seq += 1
+    if log_rows:
+        with txn.cursor(db=events_db) as cur:
+            cur.putmulti(log_rows, append=True)
+    return next_seq, len(items) - len(log_rows)
 
 
 def _translate(exc: lmdb.Error) -> StoreError:

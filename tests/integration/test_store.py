@@ -285,3 +285,31 @@ async def test_full_disk_fails_the_write_cleanly_and_store_stays_usable(small_di
     finally:
         await writer.shutdown()
         store.close()
+
+
+async def test_duplicates_mixed_into_a_batch_keep_the_log_dense(tmp_path: Path) -> None:
+    store = Store(cfg(tmp_path))
+    store.open()
+    writer = StoreWriter(store, cfg(tmp_path))
+    await writer.start()
+    try:
+        writer.submit_events(items("m", 5)).result(5)  # m0..m4 -> seq 1..5
+        mixed = [
+            *items("m", 2),
+            *items("n", 2),
+            (b"n0", b"again"),
+            *items("m", 5)[4:],
+            (b"o", b"x"),
+        ]
+        res = writer.submit_events(mixed).result(5)
+        assert (res.accepted, res.duplicates, res.first_seq, res.last_seq) == (3, 4, 6, 8)
+        with store.read() as txn:
+            keys = [int.from_bytes(k, "big") for k, _ in txn.cursor(db=store.db("events"))]
+            assert keys == list(range(1, 9))
+            # every id points at its own event
+            for eid, want in ((b"n0", 6), (b"n1", 7), (b"o", 8), (b"m0", 1)):
+                raw = txn.get(eid, db=store.db("event_ids"))
+                assert int.from_bytes(raw[:8], "big") == want
+    finally:
+        await writer.shutdown()
+        store.close()

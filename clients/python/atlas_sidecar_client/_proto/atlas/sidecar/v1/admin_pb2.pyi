@@ -80,7 +80,9 @@ class _ExportKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportKind
     EXPORT_KIND_SFT: _ExportKind.ValueType  # 1
     """{"prompt", "completion", "reward", "source"}"""
     EXPORT_KIND_DPO: _ExportKind.ValueType  # 2
-    """{"prompt", "chosen", "rejected", "margin", "source"}"""
+    """{"prompt", "chosen", "rejected", "margin", "reward", "source"}; reward is
+    the chosen completion's reward (1.0 for a user's correction).
+    """
     EXPORT_KIND_KTO: _ExportKind.ValueType  # 3
     """{"prompt", "completion", "label", "reward", "source"}"""
 
@@ -90,7 +92,9 @@ EXPORT_KIND_UNSPECIFIED: ExportKind.ValueType  # 0
 EXPORT_KIND_SFT: ExportKind.ValueType  # 1
 """{"prompt", "completion", "reward", "source"}"""
 EXPORT_KIND_DPO: ExportKind.ValueType  # 2
-"""{"prompt", "chosen", "rejected", "margin", "source"}"""
+"""{"prompt", "chosen", "rejected", "margin", "reward", "source"}; reward is
+the chosen completion's reward (1.0 for a user's correction).
+"""
 EXPORT_KIND_KTO: ExportKind.ValueType  # 3
 """{"prompt", "completion", "label", "reward", "source"}"""
 Global___ExportKind: _TypeAlias = ExportKind  # noqa: Y015
@@ -639,9 +643,14 @@ class ExportSamplesRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    INCLUDE_QUARANTINED_FIELD_NUMBER: _builtins.int
     kind: Global___ExportKind.ValueType
     limit: _builtins.int
     """0: no limit."""
+    include_quarantined: _builtins.bool
+    """List rows of quarantined feedback sources too, marked
+    "quarantined": true (they are never trained on).
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Only samples curated at or after this time."""
@@ -652,10 +661,11 @@ class ExportSamplesRequest(_message.Message):
         kind: Global___ExportKind.ValueType = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
         limit: _builtins.int = ...,
+        include_quarantined: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "limit", b"limit", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_quarantined", b"include_quarantined", "kind", b"kind", "limit", b"limit", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,211 @@
+"""The holdout: good samples set aside, never trained on, for validation.
+
+When a good sample is first curated, :meth:`HoldoutSet.assign` decides once
+and for all whether it is held out. The split is stratified by task: each
+task's held-out count stays within one sample of ``fraction`` times the good
+samples it has offered (until ``max_per_task``), and which samples go is
+decided by a hash of the sample id, so the split does not follow the order
+or rhythm of the traffic. Layout of the ``holdout`` database
+(``th`` = 8-byte task digest):
+
+- ``d`` + sample id: the decision (``1`` held out, ``0`` trainable)
+- ``h`` + th + sample id: a held-out sample (JSON)
+- ``c`` + th: the task's counts (good samples offered, held out)
+
+Together with the episodic memory, the holdout is the regression suite:
+:meth:`RegressionSuite.regression_prompts` gives validation prompts with
+reference answers and scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lmdb
+
+from sidecar.config import HoldoutConfig
+from sidecar.learning._keys import id_key, task_key
+from sidecar.learning._memory import MemoryConsolidation
+from sidecar.store import Store
+
+__all__ = ["HeldOutSample", "HoldoutSet", "RegressionPrompt", "RegressionSuite"]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldOutSample:
+    sample_id: str
+    task_id: str
+    prompt: str
+    completion: str
+    reward: float
+    held_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RegressionPrompt:
+    """One validation probe: a prompt, the answer on record and its score."""
+
+    prompt: str
+    reference: str
+    reference_score: float
+    task_id: str
+    #: ``holdout`` (never trained on) or ``memory`` (trained on; checks forgetting)
+    source: str
+    sample_id: str
+
+
+def _unit_hash(sample_id: str) -> float:
+    digest = hashlib.blake2b(sample_id.encode("utf-8"), digest_size=8, person=b"holdout").digest()
+    return int.from_bytes(digest, "big") / float(1 << 64)
+
+
+class HoldoutSet:
+    """Decides, stores and answers holdout membership. Writes on the writer thread."""
+
+    def __init__(self, store: Store, config: HoldoutConfig) -> None:
+        self._store = store
+        self._c = config
+
+    @property
+    def config(self) -> HoldoutConfig:
+        return self._c
+
+    def _db(self) -> Any:
+        return self._store.db("holdout")
+
+    def assign(
+        self,
+        txn: lmdb.Transaction,
+        sample_id: str,
+        task_id: str,
+        prompt: str,
+        completion: str,
+        reward: float,
+        *,
+        now_ms: int | None = None,
+    ) -> bool:
+        """True when the (good) sample is held out. Decided on the first call, then fixed."""
+        db = self._db()
+        sid = id_key(sample_id)
+        prior = txn.get(b"d" + sid, db=db)
+        if prior is not None:
+            return bytes(prior) == b"1"
+        tk = task_key(task_id)
+        raw = txn.get(b"c" + tk, db=db)
+        doc: dict[str, Any] = json.loads(bytes(raw)) if raw else {"task_id": task_id}
+        offered = int(doc.get("offered", 0)) + 1
+        held_n = int(doc.get("held", 0))
+        held = False
+        cap = self._c.max_per_task
+        if self._c.fraction > 0 and (cap == 0 or held_n < cap):
+            deficit = self._c.fraction * offered - held_n
+            held = deficit >= 1.0 or (deficit > 0 and _unit_hash(sample_id) < deficit)
+        if held:
+            held_n += 1
+            now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+            item = HeldOutSample(sample_id, task_id, prompt, completion, float(reward), now)
+            txn.put(b"h" + tk + sid, json.dumps(asdict(item), ensure_ascii=False).encode(), db=db)
+        txn.put(b"d" + sid, b"1" if held else b"0", db=db)
+        doc.update(offered=offered, held=held_n)
+        txn.put(b"c" + tk, json.dumps(doc).encode(), db=db)
+        return held
+
+    def is_held_out(self, txn: lmdb.Transaction, sample_id: str) -> bool:
+        return txn.get(b"d" + id_key(sample_id), db=self._db()) == b"1"
+
+    def decided(self, txn: lmdb.Transaction, sample_id: str) -> bool:
+        return txn.get(b"d" + id_key(sample_id), db=self._db()) is not None
+
+    def held_out_ids(self, txn: lmdb.Transaction, sample_ids: Sequence[str]) -> frozenset[str]:
+        """The ids among ``sample_ids`` that are held out."""
+        db = self._db()
+        return frozenset(s for s in sample_ids if txn.get(b"d" + id_key(s), db=db) == b"1")
+
+    def counts(self, txn: lmdb.Transaction) -> dict[str, dict[str, int]]:
+        """Per task: good samples offered and held out."""
+        out: dict[str, dict[str, int]] = {}
+        with txn.cursor(db=self._db()) as cur:
+            if not cur.set_range(b"c"):
+                return out
+            for key, raw in cur:
+                if not bytes(key).startswith(b"c"):
+                    break
+                doc = json.loads(bytes(raw))
+                out[str(doc["task_id"])] = {"offered": doc["offered"], "held": doc["held"]}
+        return out
+
+    def items(self, txn: lmdb.Transaction, task_id: str | None = None) -> Iterator[HeldOutSample]:
+        prefix = b"h" + (task_key(task_id) if task_id is not None else b"")
+        with txn.cursor(db=self._db()) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, raw in cur:
+                if not bytes(key).startswith(prefix):
+                    break
+                yield HeldOutSample(**json.loads(bytes(raw)))
+
+    def status(self) -> dict[str, Any]:
+        with self._store.read() as txn:
+            counts = self.counts(txn)
+        return {
+            "fraction": self._c.fraction,
+            "size": sum(c["held"] for c in counts.values()),
+            "size_per_task": {t: c["held"] for t, c in counts.items()},
+        }
+
+
+class RegressionSuite:
+    """Holdout and memory together: what validation probes a candidate with."""
+
+    def __init__(self, store: Store, holdout: HoldoutSet, memory: MemoryConsolidation) -> None:
+        self._store = store
+        self._holdout = holdout
+        self._memory = memory
+
+    def regression_prompts(self, limit: int) -> list[RegressionPrompt]:
+        """Up to ``limit`` prompts with reference answers and scores.
+
+        About ``regression_holdout_share`` come from the holdout and the rest
+        from memory (either side fills in when the other runs short); each
+        side is spread evenly over tasks, in a stable order.
+        """
+        if limit <= 0:
+            return []
+        with self._store.read() as txn:
+            held = _round_robin(
+                [
+                    [_from_holdout(h) for h in self._holdout.items(txn, task)]
+                    for task in sorted(self._holdout.counts(txn))
+                ]
+            )
+            mem = _round_robin(
+                [
+                    [_from_memory(m) for m in self._memory.items(txn, task)]
+                    for task in sorted(self._memory.tasks(txn))
+                ]
+            )
+        want_held = round(limit * self._holdout.config.regression_holdout_share)
+        take_held = min(len(held), max(want_held, limit - len(mem)))
+        take_mem = min(len(mem), limit - take_held)
+        return held[:take_held] + mem[:take_mem]
+
+
+def _from_holdout(h: HeldOutSample) -> RegressionPrompt:
+    return RegressionPrompt(h.prompt, h.completion, h.reward, h.task_id, "holdout", h.sample_id)
+
+
+def _from_memory(m: Any) -> RegressionPrompt:
+    return RegressionPrompt(m.prompt, m.completion, m.reward, m.task_id, "memory", m.sample_id)
+
+
+def _round_robin(groups: list[list[RegressionPrompt]]) -> list[RegressionPrompt]:
+    out: list[RegressionPrompt] = []
+    depth = max((len(g) for g in groups), default=0)
+    for i in range(depth):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out

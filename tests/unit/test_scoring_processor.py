@@ -1,0 +1,283 @@
+"""FeedbackProcessor on a real LMDB store: join, scores, curation, pairs, quarantine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from atlas_sidecar_client.pb import events_pb2
+
+from sidecar.config import ScoringConfig, StoreConfig
+from sidecar.scoring import (
+    FeedbackProcessor,
+    WeightTable,
+    iter_export_rows,
+    iter_pairs,
+    iter_samples,
+    quarantined_sources,
+    read_counters,
+    read_version_feedback,
+    read_weight_versions,
+    score_feedback,
+)
+from sidecar.store import ProcessorRunner, Store, StoreWriter, encode_log_value, encode_u64
+
+S = events_pb2.Signal
+WINDOW_MS = 10_000
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    st = Store(StoreConfig(data_dir=tmp_path / "data", sync=False))
+    st.open()
+    yield st
+    st.close()
+
+
+def inf(rid: str, prompt: str = "p", response: str = "r", **kw: Any) -> events_pb2.Event:
+    kw.setdefault("model_version", "v1")
+    return events_pb2.Event(
+        event_id=f"i-{rid}",
+        inference=events_pb2.Inference(request_id=rid, prompt=prompt, response=response, **kw),
+    )
+
+
+_n = 0
+
+
+def fb(rid: str, **kw: Any) -> events_pb2.Event:
+    global _n
+    _n += 1
+    return events_pb2.Event(
+        event_id=f"f-{rid}-{_n}", feedback=events_pb2.Feedback(request_id=rid, **kw)
+    )
+
+
+class Harness:
+    def __init__(self, store: Store, config: ScoringConfig | None = None) -> None:
+        self.store = store
+        self.proc = FeedbackProcessor(
+            store, config or ScoringConfig(reward_window_seconds=WINDOW_MS / 1000)
+        )
+        self.seq = 0
+
+    def feed(self, *events: events_pb2.Event, at_ms: int = 1_000) -> None:
+        with self.store.env.begin(write=True) as txn:
+            for ev in events:
+                self.seq += 1
+                self.proc.process(txn, self.seq, at_ms, ev)
+
+    def close_all(self) -> None:
+        with self.store.env.begin(write=True) as txn:
+            self.proc._close_until(txn, 10**15)
+
+    def samples(self) -> dict[str, Any]:
+        with self.store.read() as txn:
+            return {s.request_id: s for s in iter_samples(txn, self.store)}
+
+    def pairs(self) -> list[Any]:
+        with self.store.read() as txn:
+            return list(iter_pairs(txn, self.store))
+
+
+def test_scores_order_as_a_user_expects() -> None:
+    none = score_feedback([], None)
+    zero = score_feedback([], 0.0)
+    retry = score_feedback([S.RETRY], None)
+    dismiss = score_feedback([S.DISMISS], None)
+    copy = score_feedback([S.COPY], None)
+    top = score_feedback([], 1.0)
+    # the seed's bugs: a rating of 0 read as missing, negatives clamped to 0
+    assert zero.has_feedback and zero.signed == -1.0
+    assert zero.reward < none.reward
+    assert retry.reward < none.reward and retry.signed < 0
+    assert dismiss.reward < none.reward
+    assert none.has_feedback is False and none.reward == WeightTable().default_reward
+    assert none.reward < copy.reward < top.reward
+
+
+def test_processor_keeps_the_order_end_to_end(store: Store) -> None:
+    h = Harness(store)
+    h.feed(
+        inf("none"),
+        inf("zero"),
+        fb("zero", rating=0.0),
+        inf("retry"),
+        fb("retry", signal=S.RETRY),
+        inf("good"),
+        fb("good", rating=1.0),
+    )
+    h.close_all()
+    s = h.samples()
+    assert s["zero"].reward < s["none"].reward
+    assert s["retry"].reward < s["none"].reward
+    assert s["none"].reward < s["good"].reward
+    assert s["zero"].has_feedback and not s["none"].has_feedback
+    assert s["good"].qualifies and not s["none"].qualifies
+
+
+def test_join_in_either_order_and_aggregates(store: Store) -> None:
+    h = Harness(store)
+    h.feed(fb("a", signal=S.COPY, user_id="u1"), fb("a", rating=0.2), at_ms=1_000)
+    h.feed(inf("a", user_id="u1"), at_ms=2_000)
+    h.feed(fb("a", rating=0.9), fb("a", dwell_ms=60_000), at_ms=3_000)
+    h.close_all()
+    a = h.samples()["a"]
+    assert a.rating == pytest.approx(0.9)  # the latest rating wins
+    assert set(a.signals) == {"COPY", "ENGAGE"}  # dwell above the threshold is ENGAGE
+    assert a.sources == ("user:u1",)
+    expected = score_feedback([S.COPY, S.ENGAGE], 0.9)
+    assert a.reward == pytest.approx(expected.reward, abs=1e-6)
+
+
+def test_window_late_feedback_orphans_and_roles(store: Store) -> None:
+    h = Harness(store)
+    h.feed(
+        inf("a"),
+        inf("s", role=events_pb2.SHADOW, model_version="cand"),
+        inf("p", role=events_pb2.PROBE, model_version="cand"),
+        fb("ghost", rating=1.0),
+        at_ms=1_000,
+    )
+    # an event past the window closes it (log time, not wall time)
+    h.feed(fb("a", rating=1.0), at_ms=1_000 + WINDOW_MS + 1)
+    samples = h.samples()
+    assert set(samples) == {"a"}
+    assert samples["a"].has_feedback is False  # the rating came too late
+    with store.read() as txn:
+        c = read_counters(txn, store)
+        assert c.late_feedback == 1
+        assert c.orphans_dropped == 1
+        assert c.non_primary == 2
+        assert read_version_feedback(txn, store, "cand").requests == 0
+
+
+def test_tick_closes_only_when_caught_up(store: Store) -> None:
+    h = Harness(store)
+    ev = inf("a")
+    h.feed(ev, at_ms=1_000)
+    with store.env.begin(write=True) as txn:
+        # the event is in the log but the cursor never moved past it
+        txn.put(
+            encode_u64(1), encode_log_value(1_000, ev.SerializeToString()), db=store.db("events")
+        )
+        h.proc.tick(txn, 10**15)
+    assert h.samples() == {}
+    with store.env.begin(write=True) as txn:
+        txn.put(b"cursor/scoring", encode_u64(2), db=store.db("meta"))
+        h.proc.tick(txn, 10**15)
+    assert set(h.samples()) == {"a"}
+
+
+def test_preference_pairs_from_retries_edits_and_scores(store: Store) -> None:
+    h = Harness(store)
+    h.feed(
+        inf("a", prompt="q", response="first"),
+        fb("a", signal=S.RETRY),
+        inf("b", prompt="q", response="second", retry_of="a"),
+        inf("c", prompt="x", response="draft"),
+        fb("c", signal=S.EDIT, correction="fixed"),
+        inf("d", prompt="z", response="great"),
+        fb("d", rating=1.0),
+        inf("e", prompt="z", response="poor"),
+        fb("e", rating=0.1),
+        inf("f", prompt="z", response="close"),
+        fb("f", rating=0.95),
+    )
+    h.close_all()
+    pairs = {(p.kind, p.chosen, p.rejected): p for p in h.pairs()}
+    retry = pairs[("retry", "second", "first")]
+    assert retry.prompt == "q" and retry.margin >= 0
+    edit = pairs[("edit", "fixed", "draft")]
+    assert edit.reward == 1.0 and edit.margin > 0
+    assert ("score", "great", "poor") in pairs
+    assert ("score", "close", "poor") in pairs
+    # rewards within the margin make no pair
+    assert not any({k[1], k[2]} == {"great", "close"} for k in pairs)
+    samples = h.samples()
+    for p in pairs.values():
+        if p.kind != "edit":
+            chosen, rejected = (samples[r] for r in p.request_ids)
+            assert p.margin == pytest.approx(chosen.reward - rejected.reward, abs=1e-6)
+            assert p.reward == chosen.reward
+
+
+def test_quarantine_excludes_outlier_sources(store: Store) -> None:
+    cfg = ScoringConfig(
+        reward_window_seconds=WINDOW_MS / 1000, quarantine_min_history=3, quarantine_min_sources=5
+    )
+    h = Harness(store, cfg)
+    events = []
+    for u in range(6):
+        for i in range(4):
+            rid = f"u{u}-{i}"
+            events += [inf(rid, prompt=f"p{u}{i}"), fb(rid, rating=0.9 + 0.01 * u, user_id=f"{u}")]
+    for i in range(4):
+        rid = f"bad-{i}"
+        events += [inf(rid, prompt=f"b{i}"), fb(rid, rating=0.0, user_id="troll")]
+    h.feed(*events)
+    h.close_all()
+    with store.read() as txn:
+        q = quarantined_sources(txn, store, min_history=3, min_sources=5, z_threshold=3.5)
+        assert set(q) == {"user:troll"}
+        kto = [row for _, row in iter_export_rows(txn, store, "kto", quarantine=q)]
+        listed = [
+            row
+            for _, row in iter_export_rows(
+                txn, store, "kto", quarantine=q, include_quarantined=True
+            )
+        ]
+    assert len(kto) == 24 and all(r["label"] is True for r in kto)
+    flagged = [r for r in listed if r.get("quarantined")]
+    assert len(flagged) == 4 and all(r["label"] is False for r in flagged)
+
+
+def test_changed_weights_get_a_new_version(store: Store) -> None:
+    h1 = Harness(store)
+    with store.env.begin(write=True) as txn:
+        assert h1.proc.bind(txn) == 1
+        assert h1.proc.bind(txn) == 1
+    weights = dict(ScoringConfig().signal_weights, COPY=0.1)
+    h2 = Harness(store, ScoringConfig(signal_weights=weights))
+    with store.env.begin(write=True) as txn:
+        assert h2.proc.bind(txn) == 2
+    with store.read() as txn:
+        versions = read_weight_versions(txn, store)
+    assert [v["version"] for v in versions] == [1, 2]
+    assert versions[1]["signals"]["COPY"] == 0.1  # type: ignore[index]
+
+
+def test_per_version_feedback_and_errors(store: Store) -> None:
+    h = Harness(store)
+    h.feed(inf("a"), fb("a", rating=1.0), inf("b", error=True, response=""), inf("c"))
+    h.close_all()
+    with store.read() as txn:
+        v1 = read_version_feedback(txn, store, "v1", baseline_samples=1)
+    assert v1.requests == 3 and v1.errors == 1
+    assert v1.feedback_n == 1 and v1.mean_reward == pytest.approx(1.0)
+    assert v1.baseline_reward == pytest.approx(1.0)
+    assert "b" not in h.samples()  # an error is not a sample
+
+
+async def test_bad_event_is_dead_lettered_and_the_rest_goes_on(store: Store) -> None:
+    writer = StoreWriter(store, StoreConfig(data_dir=store.data_dir, sync=False))
+    await writer.start()
+    try:
+        proc = FeedbackProcessor(store, ScoringConfig(reward_window_seconds=0.001))
+        runner = ProcessorRunner(store, writer, [proc])
+        bad = events_pb2.Event(event_id="bad", inference=events_pb2.Inference(request_id="x"))
+        items = [(e.event_id.encode(), e.SerializeToString()) for e in (inf("a"), bad, inf("b"))]
+        await asyncio.wrap_future(writer.submit_events(items))
+        while await runner.run_once():
+            pass
+        await asyncio.sleep(0.01)
+        await runner.tick_all()
+        status = runner.status()
+        assert status["dead_letters"] == 1
+        with store.read() as txn:
+            assert {s.request_id for s in iter_samples(txn, store)} == {"a", "b"}
+    finally:
+        await writer.shutdown()
