@@ -26,7 +26,7 @@ import math
 import os
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,39 +250,63 @@ class Policy:
         preference_weight: float = 1.0,
         anchor: float = 1e-3,
         unlearn: bool = False,
+        negatives: Sequence[SftRow] = (),
+        negative_weight: float = 0.5,
     ) -> FitReport:
         """Trains in place from SFT rows (weighted likelihood) and preference pairs (DPO).
+
+        ``negatives`` are answers users did not want (KTO's undesirable rows):
+        their probability is pushed down (unlikelihood), at ``negative_weight``
+        relative to the SFT term.
 
         The DPO term uses the policy as it was before the call as the
         reference; ``anchor`` is an L2 pull towards those weights, which
         together with replay keeps the model from forgetting.
 
-        ``unlearn`` turns the SFT term into unlikelihood (push the completion
-        down) and swaps every pair: a deliberately bad model, for demos of
+        ``unlearn`` swaps good and bad: SFT rows are pushed down, negatives
+        up, every pair reversed. A deliberately bad model, for demos of
         rollback.
         """
         # One BLAS thread: the products are tiny and extra threads only spin.
         with threadpool_limits(1):
-            return self._fit(sft, preferences, steps, lr, beta, preference_weight, anchor, unlearn)
+            return self._fit(
+                sft,
+                preferences,
+                negatives,
+                steps,
+                lr,
+                beta,
+                preference_weight,
+                negative_weight,
+                anchor,
+                unlearn,
+            )
 
     def _fit(
         self,
         sft: Sequence[SftRow],
         preferences: Sequence[PreferenceRow],
+        negatives: Sequence[SftRow],
         steps: int,
         lr: float,
         beta: float,
         preference_weight: float,
+        negative_weight: float,
         anchor: float,
         unlearn: bool,
     ) -> FitReport:
         n0 = len(self.answers)
         report = FitReport(len(sft), len(preferences))
         # Identical rows are merged (weights summed): same objective, far fewer rows.
-        sft_w: dict[tuple[int, str], float] = {}
-        for r in sft:
-            key = (self.index_of(r.completion), r.prompt)
-            sft_w[key] = sft_w.get(key, 0.0) + max(r.weight, 0.0)
+        up: dict[tuple[int, str], float] = {}
+        down: dict[tuple[int, str], float] = {}
+        for rows, into, scale in (
+            (sft, down if unlearn else up, 1.0),
+            (negatives, up if unlearn else down, negative_weight),
+        ):
+            for r in rows:
+                key = (self.index_of(r.completion), r.prompt)
+                into[key] = into.get(key, 0.0) + scale * max(r.weight, 0.0)
         pref_w: dict[tuple[int, int, str], float] = {}
         for pr in preferences:
             c, j = self.index_of(pr.chosen), self.index_of(pr.rejected)
@@ -293,9 +317,11 @@ class Policy:
                 pref_w[pkey] = pref_w.get(pkey, 0.0) + max(pr.weight, 0.0)
         report.new_answers = len(self.answers) - n0
         n_answers = len(self.answers)
-        xs = np.stack([featurize(k[1], self.dim) for k in sft_w]) if sft_w else None
-        ws = np.array(list(sft_w.values())) if sft_w else None
-        y_idx = np.array([k[0] for k in sft_w], dtype=np.int64)
+        terms = [
+            _LikelihoodTerm.build(up, n_answers, self.dim, unlikely=False),
+            _LikelihoodTerm.build(down, n_answers, self.dim, unlikely=True),
+        ]
+        sft_norm = sum(t.weights.sum() for t in terms)
         xp = np.stack([featurize(k[2], self.dim) for k in pref_w]) if pref_w else None
         wp = np.array(list(pref_w.values())) if pref_w else None
         # diff[i] is +1 at the chosen answer and -1 at the rejected one, so the
@@ -304,26 +330,17 @@ class Policy:
         for i, (c, j, _) in enumerate(pref_w):
             diff[i, c] = 1.0
             diff[i, j] = -1.0
-        onehot = np.zeros((len(sft_w), n_answers))
-        onehot[np.arange(len(sft_w)), y_idx] = 1.0
         base = self.weights.copy()
         ref_margin = ((xp @ base.T) * diff).sum(axis=1) if xp is not None else None
 
         def loss_and_grad(w: Array) -> tuple[float, Array]:
             grad = anchor * (w - base)
             loss = 0.5 * anchor * float(((w - base) ** 2).sum())
-            if xs is not None and ws is not None and ws.sum() > 0:
-                p = self._softmax(xs @ w.T)
-                py = (p * onehot).sum(axis=1)
-                norm = float(ws.sum())
-                if unlearn:
-                    # d/dz of -log(1 - p_y) = p_y / (1 - p_y) * (onehot - p)
-                    loss += float(-(ws * np.log(np.clip(1 - py, 1e-12, 1))).sum()) / norm
-                    coef = (ws * py / np.clip(1 - py, 1e-12, 1))[:, None]
-                    grad += (coef * (onehot - p)).T @ xs / norm
-                else:
-                    loss += float(-(ws * np.log(np.clip(py, 1e-12, 1))).sum()) / norm
-                    grad += ((p - onehot) * ws[:, None]).T @ xs / norm
+            for term in terms:
+                if len(term.weights) and sft_norm > 0:
+                    t_loss, t_grad = term.loss_and_grad(w, self._softmax, float(sft_norm))
+                    loss += t_loss
+                    grad += t_grad
             if xp is not None and wp is not None and ref_margin is not None and wp.sum() > 0:
                 margin = ((xp @ w.T) * diff).sum(axis=1)
                 z = beta * (margin - ref_margin)
@@ -336,7 +353,7 @@ class Policy:
 
         report.loss_before = loss_and_grad(self.weights)[0]
         report.sft_logprob_before, report.preference_accuracy_before = self._diagnose(
-            xs, ws, onehot, xp, wp, diff
+            terms[0], xp, wp, diff
         )
         # Adam: the gradients of rare answers are tiny next to those of common ones.
         m = np.zeros_like(self.weights)
@@ -350,24 +367,18 @@ class Policy:
         report.steps = steps
         report.loss_after = loss_and_grad(self.weights)[0]
         report.sft_logprob_after, report.preference_accuracy_after = self._diagnose(
-            xs, ws, onehot, xp, wp, diff
+            terms[0], xp, wp, diff
         )
         return report
 
     def _diagnose(
-        self,
-        xs: Array | None,
-        ws: Array | None,
-        onehot: Array,
-        xp: Array | None,
-        wp: Array | None,
-        diff: Array,
+        self, liked: _LikelihoodTerm, xp: Array | None, wp: Array | None, diff: Array
     ) -> tuple[float, float]:
-        """Weighted mean log-likelihood of the SFT rows, weighted accuracy on the pairs."""
+        """Weighted mean log-likelihood of the liked rows, weighted accuracy on the pairs."""
         lp = 0.0
-        if xs is not None and ws is not None and ws.sum() > 0:
-            py = (self._softmax(xs @ self.weights.T) * onehot).sum(axis=1)
-            lp = float((ws * np.log(np.clip(py, 1e-12, 1))).sum() / ws.sum())
+        if len(liked.weights) and liked.weights.sum() > 0:
+            py = (self._softmax(liked.x @ self.weights.T) * liked.onehot).sum(axis=1)
+            lp = float((liked.weights * np.log(np.clip(py, 1e-12, 1))).sum() / liked.weights.sum())
         acc = 0.0
         if xp is not None and wp is not None and wp.sum() > 0:
             margin = ((xp @ self.weights.T) * diff).sum(axis=1)
@@ -451,3 +462,37 @@ def artifact_path(location: str | os.PathLike[str]) -> Path:
     if text.startswith("file:"):
         return Path(unquote(urlparse(text).path))
     return Path(text)
+
+
+@dataclass
+class _LikelihoodTerm:
+    """Weighted rows whose answer should become likely (or, ``unlikely``, not)."""
+
+    x: Array
+    onehot: Array
+    weights: Array
+    unlikely: bool
+
+    @classmethod
+    def build(
+        cls, rows: dict[tuple[int, str], float], n_answers: int, dim: int, *, unlikely: bool
+    ) -> _LikelihoodTerm:
+        x = np.stack([featurize(k[1], dim) for k in rows]) if rows else np.zeros((0, dim + 1))
+        onehot = np.zeros((len(rows), n_answers))
+        for i, (k, _) in enumerate(rows):
+            onehot[i, k] = 1.0
+        return cls(x, onehot, np.array(list(rows.values()), dtype=np.float64), unlikely)
+
+    def loss_and_grad(
+        self, w: Array, softmax: Callable[[Array], Array], norm: float
+    ) -> tuple[float, Array]:
+        p = softmax(self.x @ w.T)
+        py = (p * self.onehot).sum(axis=1)
+        ws = self.weights
+        if self.unlikely:
+            # d/dz of -log(1 - p_y) = p_y / (1 - p_y) * (onehot - p)
+            loss = float(-(ws * np.log(np.clip(1 - py, 1e-12, 1))).sum()) / norm
+            coef = (ws * py / np.clip(1 - py, 1e-12, 1))[:, None]
+            return loss, (coef * (self.onehot - p)).T @ self.x / norm
+        loss = float(-(ws * np.log(np.clip(py, 1e-12, 1))).sum()) / norm
+        return loss, ((p - self.onehot) * ws[:, None]).T @ self.x / norm

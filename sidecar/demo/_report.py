@@ -136,19 +136,29 @@ def windows(
 def _describe(doc: Mapping[str, Any]) -> str:
     kind = doc.get("kind", "")
     parts = []
-    for key in ("trigger", "update_id", "version", "candidate_version", "base_version"):
+    for key in ("trigger", "update_id", "base_version"):
         if doc.get(key):
             parts.append(f"{key}={doc[key]}")
-    if doc.get("from_state") or doc.get("to_state"):
-        parts.append(f"{doc.get('from_state', '')} -> {doc.get('to_state', '')}")
-    if doc.get("stage_index") is not None and kind == "rollout_transition":
-        parts.append(f"stage {doc['stage_index']}")
-    for key in ("weight_bps", "candidate_weight_bps"):
-        if isinstance(doc.get(key), int | float):
-            parts.append(f"{doc[key] / 100:g}% traffic")
+    src = doc.get("from", doc.get("from_state"))
+    dst = doc.get("to", doc.get("to_state"))
+    if src is not None or dst is not None:
+        parts.append(f"{src or '-'} -> {dst or '-'}")
+        if dst == "CANARY" and isinstance(doc.get("stage_index"), int):
+            parts.append(f"(stage {doc['stage_index']})")
+    if kind == "rollout_transition":
+        for key in ("weight_bps", "candidate_weight_bps"):
+            if isinstance(doc.get(key), int | float):
+                parts.append(f"candidate at {doc[key] / 100:g}% of traffic")
+                break
     if kind == "dataset" and isinstance(doc.get("counts"), Mapping):
         c = doc["counts"]
         parts.append(f"sft {c.get('sft', 0)} pairs {c.get('dpo', 0)} kto {c.get('kto', 0)}")
+    if isinstance(doc.get("candidate_score"), int | float) and isinstance(
+        doc.get("stable_score"), int | float
+    ):
+        parts.append(
+            f"feedback score {doc['candidate_score']:.3f} vs stable {doc['stable_score']:.3f}"
+        )
     if doc.get("reason"):
         parts.append(str(doc["reason"])[:140])
     return " ".join(parts)
@@ -163,9 +173,12 @@ def build_report(
     versions: Mapping[str, VersionSummary],
     initial_version: str,
     final_stable: str,
+    final_since: float | None = None,
     ok: bool,
     verdict: str,
 ) -> DemoReport:
+    """Assembles the report. The final stable version's live satisfaction counts
+    its answers from ``final_since`` (default: the last 20 s) to the end."""
     report = DemoReport(started, finished, ok, verdict, initial_version=initial_version)
     report.versions = dict(versions)
     report.final_stable = final_stable
@@ -179,7 +192,10 @@ def build_report(
             {
                 "t": round(t - started, 2),
                 "kind": kind,
-                "version": doc.get("version") or doc.get("candidate_version") or "",
+                "version": doc.get("version")
+                or doc.get("candidate")
+                or doc.get("candidate_version")
+                or "",
                 "detail": _describe(doc),
             }
         )
@@ -199,9 +215,8 @@ def build_report(
             summary = report.versions.setdefault(v, VersionSummary(v))
             summary.answers += int(n)
             summary.satisfied += int(s)
-    # The final stable version's live satisfaction: its answers in the last
-    # 20 seconds of the run, when it served (nearly) all traffic.
-    tail = [line for line in stats if float(line["t"]) >= finished - 20.0]
+    since = finished - 20.0 if final_since is None else final_since
+    tail = [line for line in stats if float(line["t"]) > since]
     n = sum(int(line.get("versions", {}).get(final_stable, [0, 0])[0]) for line in tail)
     s = sum(int(line.get("versions", {}).get(final_stable, [0, 0])[1]) for line in tail)
     report.final_stable_live = s / n if n else None
@@ -219,7 +234,7 @@ def render_tables(report: DemoReport) -> str:
         f"Result: **{'OK' if report.ok else 'INCOMPLETE'}**: {report.verdict}",
         f"Duration: {report.finished - report.started:.0f} s. Initial version "
         f"{report.initial_version}, final stable version {report.final_stable} "
-        f"(live satisfaction over the last 20 s: {_fmt(report.final_stable_live)}).",
+        f"(live satisfaction once it served all users: {_fmt(report.final_stable_live)}).",
         "",
         "## Versions",
         "",

@@ -108,6 +108,7 @@ class ReferenceServer:
         server_id: str = "demo-server",
         listen: str = "127.0.0.1:0",
         seed: int = 1,
+        token_ms: float = 3.0,
     ) -> None:
         self.sidecar = sidecar
         self.models_dir = Path(models_dir)
@@ -115,6 +116,10 @@ class ReferenceServer:
         self.server_id = server_id
         self.listen = listen
         self.rng = random.Random(seed)
+        # A real model spends time per generated token; so does this one (an
+        # await, not CPU), which keeps latency comparisons between versions
+        # about the answers and not about scheduler noise.
+        self.token_ms = token_ms
         self.models: dict[str, Policy] = {}
         self.router = _RecordingRouter(
             TrafficSplit.single(initial_version), default_version=initial_version
@@ -126,6 +131,7 @@ class ReferenceServer:
         self.probed: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.bad_requests = 0
+        self._background: set[asyncio.Task[None]] = set()
         self.loads: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -145,12 +151,18 @@ class ReferenceServer:
         self.models.pop(version, None)
         self.loads.append({"time": time.time(), "action": "unload", "version": version})
 
-    def probe(self, version: str, prompt: str) -> str:
+    async def _generate(self, n_tokens: int) -> None:
+        if self.token_ms > 0:
+            await asyncio.sleep(n_tokens * self.token_ms / 1000.0)
+
+    async def probe(self, version: str, prompt: str) -> str:
         policy = self.models.get(version)
         if policy is None:
             raise LookupError(f"version {version!r} is not loaded")
         self.probed[version] += 1
-        return policy.greedy(prompt).answer
+        choice = policy.greedy(prompt)
+        await self._generate(len(choice.token_logprobs))
+        return choice.answer
 
     # -- lifecycle --------------------------------------------------------
 
@@ -180,6 +192,8 @@ class ReferenceServer:
         self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -239,6 +253,7 @@ class ReferenceServer:
             policy = self.models.get(version) or self.models[self.initial_version]
             request_id = uuid7()
         choice = policy.act(prompt, self.rng)
+        await self._generate(len(choice.token_logprobs))
         latency = (time.perf_counter() - t0) * 1000.0
         self.served[version] += 1
         self.events.record_inference(
@@ -253,22 +268,12 @@ class ReferenceServer:
             retry_of=retry_of,
         )
         if decision.mirror_version and decision.mirror_version in self.models:
-            shadow = self.models[decision.mirror_version]
-            t1 = time.perf_counter()
-            mirrored = shadow.act(prompt, self.rng)
-            self.mirrored[decision.mirror_version] += 1
-            self.events.record_inference(
-                f"{request_id}/shadow",
-                decision.mirror_version,
-                prompt,
-                mirrored.answer,
-                latency_ms=(time.perf_counter() - t1) * 1000.0,
-                role=Role.SHADOW,
-                token_logprobs=mirrored.token_logprobs,
-                session_id=session,
-                user_id=user,
-                attributes={"shadow_of": request_id},
+            # Mirrored off the user's path: the user never waits for the shadow.
+            task = asyncio.create_task(
+                self._mirror(decision.mirror_version, request_id, prompt, session, user)
             )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return web.json_response(
             {
                 "request_id": request_id,
@@ -276,6 +281,30 @@ class ReferenceServer:
                 "answer": choice.answer,
                 "token_logprobs": choice.token_logprobs,
             }
+        )
+
+    async def _mirror(
+        self, version: str, request_id: str, prompt: str, session: str, user: str
+    ) -> None:
+        assert self.events is not None
+        shadow = self.models.get(version)
+        if shadow is None:
+            return
+        t1 = time.perf_counter()
+        mirrored = shadow.act(prompt, self.rng)
+        await self._generate(len(mirrored.token_logprobs))
+        self.mirrored[version] += 1
+        self.events.record_inference(
+            f"{request_id}/shadow",
+            version,
+            prompt,
+            mirrored.answer,
+            latency_ms=(time.perf_counter() - t1) * 1000.0,
+            role=Role.SHADOW,
+            token_logprobs=mirrored.token_logprobs,
+            session_id=session,
+            user_id=user,
+            attributes={"mirror_of": request_id},
         )
 
     async def _feedback(self, request: web.Request) -> web.Response:
@@ -345,6 +374,7 @@ async def _serve(args: argparse.Namespace) -> int:
         server_id=args.server_id,
         listen=args.listen,
         seed=args.seed,
+        token_ms=args.token_ms,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -374,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--initial-version", default="v1", help="version served at start (default v1)")
     p.add_argument("--server-id", default="demo-server", help="this replica's id")
     p.add_argument("--seed", type=int, default=1, help="seed for sampling answers")
+    p.add_argument(
+        "--token-ms", type=float, default=3.0, help="generation time per token (default 3 ms)"
+    )
     args = p.parse_args(argv)
     import uvloop
 

@@ -8,7 +8,8 @@ Run by the sidecar's ``command`` trainer hook::
 It reads ``D/sft.jsonl`` (rows ``{"prompt", "completion", "reward", "source"}``)
 and ``D/preferences.jsonl`` (rows ``{"prompt", "chosen", "rejected",
 "margin", ...}``); replay rows (``source`` = ``replay``) are trained on like
-new ones and counted apart. It starts from the artifact of version ``V`` in
+new ones and counted apart. When ``D/kto.jsonl`` is there, its undesirable
+rows (``label`` false) are pushed down too. It starts from the artifact of version ``V`` in
 ``M/V/``, writes the new artifact to ``M/<new version>/`` (never over an
 existing one) and answers with ``O/candidate.json``::
 
@@ -72,6 +73,31 @@ def _number(path: Path, lineno: int, row: dict[str, Any], key: str, default: flo
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DatasetError(f"{path.name}:{lineno}: field {key!r} must be a number")
     return float(value)
+
+
+def load_negatives(folder: str | os.PathLike[str]) -> list[SftRow]:
+    """The undesirable rows of ``kto.jsonl`` (``label`` false), weighted by how bad they were.
+
+    Raises:
+        DatasetError: a row is not JSON or misses a field.
+    """
+    path = Path(folder) / "kto.jsonl"
+    out: list[SftRow] = []
+    for lineno, row in _rows(path):
+        label = row.get("label")
+        if not isinstance(label, bool):
+            raise DatasetError(f"{path.name}:{lineno}: field 'label' must be true or false")
+        if label:
+            continue
+        reward = _number(path, lineno, row, "reward", 0.0)
+        out.append(
+            SftRow(
+                _text(path, lineno, row, "prompt"),
+                _text(path, lineno, row, "completion"),
+                max(1.0 - reward, 0.0),
+            )
+        )
+    return out
 
 
 def load_dataset(
@@ -155,6 +181,7 @@ def train(
     models = Path(models_dir)
     base = Policy.load(models / base_version)
     sft, prefs, counts = load_dataset(dataset_dir)
+    negatives = load_negatives(dataset_dir)
     if not sft and not prefs:
         raise ValueError("nothing to train on: sft.jsonl and preferences.jsonl are empty")
     run = _training_runs(models) + 1
@@ -162,7 +189,9 @@ def train(
     version, folder = _claim_version(models)
     started = time.perf_counter()
     policy = base.copy(version)
-    report = policy.fit(sft, prefs, steps=steps, unlearn=sabotaged)
+    report = policy.fit(
+        sft, prefs, steps=steps, unlearn=sabotaged, negatives=negatives, negative_weight=1.0
+    )
     policy.meta = {
         "base_version": base_version,
         "trained_on": "dataset",
@@ -174,6 +203,7 @@ def train(
     metrics: dict[str, float] = {
         **report.as_dict(),
         **{k: float(v) for k, v in counts.items()},
+        "kto_negatives": float(len(negatives)),
         "training_run": float(run),
         "sabotaged": 1.0 if sabotaged else 0.0,
         "train_seconds": round(time.perf_counter() - started, 4),

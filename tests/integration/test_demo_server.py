@@ -222,7 +222,7 @@ async def test_loads_splits_mirrors_probes_and_rolls_back(
     shadows = [e for e in evs if e.role == events_pb2.SHADOW]
     assert shadows and all(e.model_version == "v2" for e in shadows)
     primary = {e.request_id for e in evs if e.role == events_pb2.PRIMARY}
-    assert all(e.attributes["shadow_of"] in primary for e in shadows)
+    assert all(e.attributes["mirror_of"] in primary for e in shadows)
     probes = sorted(
         (e for e in evs if e.role == events_pb2.PROBE),
         key=lambda e: int(e.attributes["probe_index"]),

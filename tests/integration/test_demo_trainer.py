@@ -20,7 +20,7 @@ def write_dataset(folder: Path, policy: Policy, world: World, n: int, seed: int)
     """A dataset snapshot in the sidecar's shapes, with replay rows mixed in."""
     users = UserPopulation(world, seed=seed)
     rng = random.Random(seed)
-    sft, prefs = [], []
+    sft, prefs, kto = [], [], []
     for i in range(n):
         ask = users.ask()
         choice = policy.act(ask.prompt.text, rng)
@@ -36,6 +36,15 @@ def write_dataset(folder: Path, policy: Policy, world: World, n: int, seed: int)
                     "source": source,
                 }
             )
+        kto.append(
+            {
+                "prompt": ask.prompt.text,
+                "completion": choice.answer,
+                "label": score.reward >= 0.7,
+                "reward": score.reward,
+                "source": source,
+            }
+        )
         if reaction.correction:
             prefs.append(
                 {
@@ -50,7 +59,7 @@ def write_dataset(folder: Path, policy: Policy, world: World, n: int, seed: int)
     folder.mkdir(parents=True)
     (folder / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     (folder / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
-    (folder / "kto.jsonl").write_text("")
+    (folder / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kto))
     (folder / "manifest.json").write_text(json.dumps({"base_version": policy.version}))
 
 
@@ -104,6 +113,7 @@ def test_trains_a_better_candidate_and_answers_with_candidate_json(
     assert m["sabotaged"] == 0.0
     assert m["sft_new"] > 0 and m["sft_replay"] > 0
     assert m["pairs_new"] > 0 and m["pairs_replay"] > 0
+    assert m["kto_negatives"] > 0
     assert m["loss_after"] < m["loss_before"]
     candidate = Policy.load(doc["artifact_uri"])
     assert candidate.meta["base_version"] == "v1"

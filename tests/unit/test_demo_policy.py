@@ -148,3 +148,15 @@ def test_tampered_artifact_is_refused(tmp_path: Path) -> None:
     (folder / "policy.npz").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="sha256"):
         Policy.load(folder)
+
+
+def test_negatives_push_unwanted_answers_down() -> None:
+    world = World()
+    policy = world.initial_policy()
+    prompts = [p for p in world.all_prompts() if p.intent == 1]
+    bad = world.intents[1].answers[2]
+    nxt = policy.copy("v2")
+    nxt.fit([], [], negatives=[SftRow(p.text, bad, 1.0) for p in prompts])
+    k = nxt.answers.index(bad)
+    for p in prompts:
+        assert nxt.probabilities(p.text)[k] < 0.5 * policy.probabilities(p.text)[k]
