@@ -46,9 +46,10 @@ from sidecar.learning import (
     SelectiveReplayComposer,
     learning_quality_report,
 )
+from sidecar.rollout import RecentGoodAnswers, RegressionCase, RolloutAdmin, RolloutEngine
 from sidecar.scoring import FeedbackProcessor
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
-from sidecar.training import ModelRegistry, TrainingStage
+from sidecar.training import ModelRecord, ModelRegistry, TrainingStage
 from sidecar.web import WebServer
 
 __all__ = ["SidecarApp", "Stage"]
@@ -77,6 +78,20 @@ class Stage(Protocol):
 
     async def start(self) -> None: ...
     async def shutdown(self) -> None: ...
+
+
+class _FirstNonEmpty:
+    """Regression prompts from the learner's suite, else from the fallback."""
+
+    def __init__(self, suite: RegressionSuite, fallback: RecentGoodAnswers) -> None:
+        self._suite = suite
+        self._fallback = fallback
+
+    def cases(self, limit: int) -> list[RegressionCase]:
+        cases = [
+            RegressionCase(p.prompt, p.reference) for p in self._suite.regression_prompts(limit)
+        ]
+        return cases or self._fallback.cases(limit)
 
 
 class SidecarApp:
@@ -179,12 +194,49 @@ class SidecarApp:
         self.handlers.learning = self.training
         self.handlers.status["learning"] = self.training.status
         self.stages.append(self.active)
+        # -- rollout engine (sidecar/rollout): drives the control channel,
+        # observes the log for the active rollout, answers the rollout RPCs.
+        # It starts after the control channel, whose desired state it reads.
+        # Validation probes the holdout and memory first (the learner's own
+        # regression suite), recent good answers when those are still empty.
+        self.rollouts = RolloutEngine(
+            self.store,
+            self.writer,
+            self.control,
+            config.rollout,
+            regression=_FirstNonEmpty(self.regression, RecentGoodAnswers(self.store)),
+        )
+        self.processors.add(self.rollouts.observer)
+        self.stages.append(self.rollouts)
+        self.handlers.rollouts = RolloutAdmin(self.rollouts)
+        self.handlers.status["rollout"] = self.rollouts.status
+
+        # -- learning <-> rollout ---------------------------------------------
+        # No update while a rollout runs; a registered candidate may start a
+        # rollout (rollout.auto_start); a promotion (or the rollback of one)
+        # moves the registry's stable version; a fresh install learns its
+        # stable version from the first PRIMARY traffic the registry saw.
+        self.scheduler.rollout_active = self.rollouts.rollout_active
+        self.registry.on_registered.append(self._auto_rollout)
+        self.rollouts.add_stable_hook(self.registry.set_stable)
+        self.rollouts.stable_source = self.registry.stable_version
         self.server: grpc.aio.Server | None = None
         self.web: WebServer | None = None
         self.ports: dict[str, int] = {}
         self._stopped = asyncio.Event()
         self._started = False
         self._shutdown_done = False
+
+    async def _auto_rollout(self, record: ModelRecord) -> str | None:
+        if not self.config.rollout.auto_start or self.rollouts.active() is not None:
+            return None
+        rollout = await self.rollouts.start_rollout(
+            record.version,
+            reason="candidate registered (rollout.auto_start)",
+            artifact_uri=record.artifact_uri,
+            update_id=record.update_id,
+        )
+        return rollout.rollout_id
 
     def status_dict(self) -> dict[str, Any]:
         return status_to_dict(self.admin.status())
@@ -221,6 +273,10 @@ class SidecarApp:
                 "data_dir": str(self.store.data_dir),
             },
         )
+
+    def rollout_active(self) -> bool:
+        """For the learning scheduler: True while a rollout is in progress."""
+        return self.rollouts.rollout_active()
 
     async def _start_grpc(self) -> None:
         cfg = self.config.server

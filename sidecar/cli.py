@@ -5,6 +5,7 @@ atlas-sidecar status [--target ADDR] [--json]
 atlas-sidecar validate-config FILE
 atlas-sidecar export --kind sft|dpo|kto --out FILE [--since TIME]
 atlas-sidecar reprocess --data-dir DIR [--config FILE]
+atlas-sidecar rollout start|promote|abort|rollback|list
 atlas-sidecar demo
 """
 
@@ -36,9 +37,13 @@ EXTRA_COMMANDS: dict[
 
 
 def _register_stage_commands() -> None:
-    from sidecar.training._cli import register
+    """Adds the stages' subcommands (export, reprocess, rollout ...); imported lazily
+    so that ``atlas-sidecar status`` does not pay for the whole daemon."""
+    from sidecar.rollout._cli import register as register_rollout
+    from sidecar.training._cli import register as register_training
 
-    register(EXTRA_COMMANDS)
+    register_training(EXTRA_COMMANDS)
+    register_rollout(EXTRA_COMMANDS)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ stops the daemon before it binds a port, with a message naming the key
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "IngestConfig",
     "LearningConfig",
     "MemoryConfig",
+    "RolloutConfig",
     "ScoringConfig",
     "SelectiveConfig",
     "ServerConfig",
@@ -377,6 +379,138 @@ class ActiveLearningConfig(_Section):
         return self
 
 
+# -- rollout (sidecar/rollout) ------------------------------------------------
+
+
+class ValidationConfig(_Section):
+    # Probe the candidate and the stable model on regression prompts before any
+    # user sees the candidate. Off skips straight to shadow or canary.
+    enabled: bool = True
+    # Regression prompts per probe. More catches rarer regressions, costs
+    # inference time on both models.
+    prompts: int = Field(default=50, ge=1, le=10_000)
+    # Seconds to wait for every probe answer; missing answers by then make the
+    # validation inconclusive (see rollout.on_inconclusive).
+    deadline_seconds: float = Field(default=300.0, gt=0)
+    # Non-degradation rule. The candidate's error rate may exceed the stable
+    # one's by at most this much (absolute). Stricter blocks more candidates.
+    max_error_rate_increase: float = Field(default=0.0, ge=0, le=1)
+    # The candidate's mean similarity to the reference answers must be at least
+    # this fraction of the stable model's. 1.0 demands no loss at all.
+    min_similarity_ratio: float = Field(default=0.9, ge=0, le=1)
+    # Candidate median probe latency / stable median latency must stay below this.
+    max_latency_ratio: float = Field(default=1.5, gt=0)
+    # Comparator scoring answers against the regression set's references.
+    comparator: Literal["exact", "token_jaccard", "char_ngram_cosine"] = "char_ngram_cosine"
+
+
+class ShadowConfig(_Section):
+    # Mirror live traffic to the candidate (answers never shown) before canary.
+    enabled: bool = True
+    # Share of live requests mirrored, in basis points. More gathers evidence
+    # faster, costs candidate inference on that share.
+    mirror_bps: int = Field(default=1000, ge=1, le=10_000)
+    # Shortest time in shadow, and the deadline after which too little evidence
+    # makes it inconclusive.
+    min_dwell_seconds: float = Field(default=300.0, ge=0)
+    max_dwell_seconds: float = Field(default=1800.0, gt=0)
+    # Compared request pairs needed before shadow can pass.
+    min_samples: int = Field(default=200, ge=1)
+    comparator: Literal["exact", "token_jaccard", "char_ngram_cosine"] = "token_jaccard"
+    # Mean agreement with the stable answers needed to pass. Higher insists the
+    # candidate changes little; a fine-tune that should change answers needs less.
+    min_agreement: float = Field(default=0.3, ge=0, le=1)
+    # Candidate p99 latency / stable p99 latency on the same requests.
+    max_latency_p99_ratio: float = Field(default=1.5, gt=0)
+
+
+class CanaryConfig(_Section):
+    # Candidate's share of traffic per stage, in percent, ascending. Reaching
+    # 100 is the promotion (there is no stable traffic left to compare with).
+    stages_percent: list[float] = Field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0, 100.0])
+    # Each stage lasts at least this long and until min_samples candidate
+    # requests were seen. Longer and larger means more evidence, slower rollouts.
+    min_dwell_seconds: float = Field(default=300.0, ge=0)
+    min_samples: int = Field(default=200, ge=1)
+    # A stage still short of evidence after this long is inconclusive.
+    max_dwell_seconds: float = Field(default=3600.0, gt=0)
+    # False-alarm bound of each guardrail over the whole rollout (Ville): the
+    # chance a candidate as good as stable is rolled back by that guardrail.
+    # Smaller means fewer false rollbacks and slower detection.
+    alpha: float = Field(default=0.01, gt=0, lt=0.5)
+    # Error-rate guardrail: roll back when the candidate's error rate exceeds
+    # this multiple of the stable one's (1.0: any increase, given evidence).
+    error_rate_ratio: float = Field(default=1.0, gt=0)
+    # Latency guardrail: requests slower than the stable model's quantile
+    # (0.99: its p99) must not be more frequent, by this ratio, on the candidate.
+    latency_quantile: float = Field(default=0.99, gt=0.5, lt=1)
+    latency_exceedance_ratio: float = Field(default=1.5, gt=0)
+    # Feedback guardrail: roll back when the candidate's mean reward is below
+    # the stable one's by more than this margin (rewards in [0, 1]).
+    feedback_margin: float = Field(default=0.02, ge=0, lt=1)
+    # Before the last comparing stage advances to 100 %, the candidate must be
+    # shown to be no worse than this margin on feedback (0 disables the proof).
+    # Requiring it protects against promoting on weak evidence; it makes good
+    # candidates with little feedback wait for their deadline.
+    feedback_noninferiority_margin: float = Field(default=0.0, ge=0, lt=1)
+    # Stable scores averaged into each paired comparison; more lowers noise.
+    pair_block: int = Field(default=8, ge=1, le=256)
+
+    @field_validator("stages_percent")
+    @classmethod
+    def _check_stages(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("at least one stage is required")
+        if any(not 0 < v <= 100 for v in value):
+            raise ValueError("every stage must be in (0, 100]")
+        if any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError("stages must be strictly ascending")
+        return value
+
+
+class BlueGreenConfig(_Section):
+    # After the switch the old version stays loaded this long for an instant
+    # rollback; longer holds memory on the inference server.
+    retention_seconds: float = Field(default=3600.0, ge=0)
+    # Probe answers with an error that the candidate may give before switching.
+    max_probe_error_rate: float = Field(default=0.0, ge=0, le=1)
+    # Seconds to wait for the load and the probe before the switch is abandoned.
+    deadline_seconds: float = Field(default=600.0, gt=0)
+
+
+class RolloutConfig(_Section):
+    # Start a rollout when a candidate is registered. Off: operators start them.
+    auto_start: bool = False
+    # Default strategy when a request does not say.
+    strategy: Literal["canary", "blue_green"] = "canary"
+    # What an inconclusive stage does at its deadline: return traffic to the
+    # stable model (safe) or hold the split and wait for an operator.
+    on_inconclusive: Literal["rollback", "pause"] = "rollback"
+    # How often the engine evaluates the active rollout. Shorter reacts faster
+    # and writes more checkpoints.
+    evaluate_interval_seconds: float = Field(default=1.0, gt=0)
+    # How often the analysis state is checkpointed between transitions. On a
+    # restart, observations since the checkpoint are re-read from the log.
+    checkpoint_interval_seconds: float = Field(default=10.0, gt=0)
+    # Stable version when neither the control plane nor a promotion set one.
+    initial_stable_version: str = ""
+    # Lease carried by every traffic split (see control.proto).
+    lease_seconds: int = Field(default=30, ge=0)
+    # Seconds for the inference servers to apply a new split before a stage is
+    # held as if it had no traffic (the stage deadline still applies).
+    converge_seconds: float = Field(default=30.0, gt=0)
+    # After a promotion or rollback the replaced version stays loaded this long.
+    unload_after_seconds: float = Field(default=600.0, ge=0)
+    # Recent good PRIMARY answers kept as the default regression set.
+    regression_pool: int = Field(default=500, ge=1)
+    # A PRIMARY answer joins the regression pool when its reward reaches this.
+    regression_min_reward: float = Field(default=0.75, ge=0, le=1)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
+    blue_green: BlueGreenConfig = Field(default_factory=BlueGreenConfig)
+
+
 # -- control channel (sidecar/control) -----------------------------------------
 
 
@@ -431,6 +565,7 @@ class SidecarConfig(_Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     holdout: HoldoutConfig = Field(default_factory=HoldoutConfig)
     active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
 
 

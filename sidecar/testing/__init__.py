@@ -1,6 +1,7 @@
 """Helpers for tests of code that uses the sidecar: a real daemon in a subprocess,
 model servers for the control adapters (a vLLM-compatible LoRA API, a real MLServer)."""
 
+from sidecar.testing._control import FakeControlPlane, SentProbe
 from sidecar.testing._daemon import DaemonProcess, free_port
 from sidecar.testing._mlserver import MLSERVER_REQUIREMENTS, MLServerProcess, ensure_mlserver_venv
 from sidecar.testing._vllm import FakeVllmServer
@@ -8,8 +9,10 @@ from sidecar.testing._vllm import FakeVllmServer
 __all__ = [
     "MLSERVER_REQUIREMENTS",
     "DaemonProcess",
+    "FakeControlPlane",
     "FakeVllmServer",
     "MLServerProcess",
+    "SentProbe",
     "ensure_mlserver_venv",
     "free_port",
 ]
