@@ -169,7 +169,8 @@ def train(
     *,
     sabotage: bool = False,
     sabotage_run: int = 0,
-    steps: int = 200,
+    steps: int = 100,
+    lr: float = 2.0,
 ) -> dict[str, Any]:
     """Trains one candidate; returns the ``candidate.json`` document it wrote.
 
@@ -190,7 +191,13 @@ def train(
     started = time.perf_counter()
     policy = base.copy(version)
     report = policy.fit(
-        sft, prefs, steps=steps, unlearn=sabotaged, negatives=negatives, negative_weight=1.0
+        sft,
+        prefs,
+        steps=steps,
+        lr=lr,
+        unlearn=sabotaged,
+        negatives=negatives,
+        negative_weight=1.0,
     )
     policy.meta = {
         "base_version": base_version,
@@ -237,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="sabotage only the N-th training run in the models dir (0: never)",
     )
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=float, default=2.0, help="learning rate scale (default 2.0)")
     args = p.parse_args(argv)
     if not args.models_dir:
         print("trainer: --models-dir (or ATLAS_DEMO_MODELS_DIR) is required", file=sys.stderr)
@@ -251,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sabotage=args.sabotage,
             sabotage_run=args.sabotage_run,
             steps=args.steps,
+            lr=args.lr,
         )
     except DatasetError as exc:
         print(f"trainer: bad dataset: {exc}", file=sys.stderr)
