@@ -83,12 +83,24 @@ class ProcessorRunner:
         *,
         batch_events: int = 2000,
         tick_seconds: float = 1.0,
+        job_budget_seconds: float = 0.02,
+        min_interval_seconds: float = 0.05,
+        max_duty: float = 0.5,
     ) -> None:
         self._store = store
         self._writer = writer
         self._processors = list(processors)
         self._batch = batch_events
         self._tick = tick_seconds
+        # One writer job holds the writer (and every ingest ack behind it) for
+        # at most this long; a backlog is worked off in several such jobs.
+        self._budget = job_budget_seconds
+        # After catching up, wait at least this long before the next round so
+        # that many small commits are processed in one job, not one job each.
+        self._min_interval = min_interval_seconds
+        # While behind, processors use at most this share of the writer's time,
+        # so a burst of ingest is acked first and learning catches up after.
+        self._max_duty = max_duty
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,6 +169,15 @@ class ProcessorRunner:
                     async with asyncio.timeout(self._tick):
                         await self._wakeup.wait()
                 self._wakeup.clear()
+                await asyncio.sleep(self._min_interval)
+            else:
+                # behind: leave the writer to ingest for a while (duty cycle)
+                busy = (
+                    self.stats[self._processors[0].name].last_batch_seconds
+                    if self._processors
+                    else 0
+                )
+                await asyncio.sleep(busy * (1.0 / self._max_duty - 1.0))
 
     async def tick_all(self, now_ms: int | None = None) -> None:
         """Runs every processor's ``tick`` (each in its own nested transaction)."""
@@ -168,26 +189,42 @@ class ProcessorRunner:
                 log.exception("processor tick failed", extra={"processor": proc.name})
 
     async def run_once(self) -> bool:
-        """Processes one batch per processor. Returns True when more is waiting."""
-        more = False
-        last = self._writer.next_seq - 1
-        for proc in self._processors:
-            with self._store.read() as txn:
-                start = read_cursor(txn, self._store, proc.name)
-            st = self.stats[proc.name]
-            st.lag = max(0, last - start + 1)
-            if start > last:
-                continue
-            started = time.perf_counter()
-            n = await self._writer.run(functools.partial(self._apply, proc=proc, start=start))
-            st.last_batch_seconds = time.perf_counter() - started
-            st.batches += 1
-            if n >= self._batch:
-                more = True
+        """Runs one time-boxed round of every processor in a single writer job.
+
+        Returns True when events are still waiting (the round ran out of its
+        batch size or its time budget).
+        """
+        started = time.perf_counter()
+        more: bool = await self._writer.run(self._apply_all)
+        elapsed = time.perf_counter() - started
+        for st in self.stats.values():
+            st.last_batch_seconds = elapsed
         return more
 
-    def _apply(self, txn: lmdb.Transaction, proc: LogProcessor, start: int) -> int:
-        """Runs on the writer thread: process up to a batch, advance the cursor."""
+    def _apply_all(self, txn: lmdb.Transaction) -> bool:
+        """On the writer thread: each processor takes its share of the budget."""
+        last = self._writer.next_seq - 1
+        deadline = time.perf_counter() + self._budget
+        more = False
+        waiting = [p for p in self._processors if read_cursor(txn, self._store, p.name) <= last]
+        for st in self.stats.values():
+            st.lag = 0
+        for i, proc in enumerate(waiting):
+            # split what is left of the budget among the processors still to run
+            share = (deadline - time.perf_counter()) / (len(waiting) - i)
+            start = read_cursor(txn, self._store, proc.name)
+            done, exhausted = self._apply(txn, proc, start, time.perf_counter() + max(share, 0.001))
+            st = self.stats[proc.name]
+            st.batches += 1
+            st.lag = max(0, last - (start + done) + 1)
+            more = more or exhausted
+        return more
+
+    def _apply(
+        self, txn: lmdb.Transaction, proc: LogProcessor, start: int, deadline: float
+    ) -> tuple[int, bool]:
+        """Processes events from ``start`` until the batch size or ``deadline``, then
+        advances the cursor in the same transaction. Returns (processed, cut short)."""
         events_db = self._store.db("events")
         rows: list[tuple[int, int, bytes]] = []
         with txn.cursor(db=events_db) as cur:
@@ -198,21 +235,27 @@ class ProcessorRunner:
                     if len(rows) >= self._batch:
                         break
         if not rows:
-            return 0
+            return 0, False
         st = self.stats[proc.name]
         env = self._store.env
+        clock = time.perf_counter
+        done = 0
         child = env.begin(write=True, parent=txn)
         try:
             for seq, ingest_ms, payload in rows:
                 proc.process(child, seq, ingest_ms, _parse(payload))
+                done += 1
+                if done % 64 == 0 and clock() > deadline:
+                    break
             child.commit()
-            st.processed += len(rows)
+            st.processed += done
         except lmdb.MapFullError:
             child.abort()
             raise
         except Exception:
             child.abort()
             # isolate the bad event(s): one nested transaction per event
+            done = 0
             for seq, ingest_ms, payload in rows:
                 one = env.begin(write=True, parent=txn)
                 try:
@@ -226,12 +269,14 @@ class ProcessorRunner:
                     one.abort()
                     self._dead_letter(txn, proc.name, seq, exc)
                     st.dead_lettered += 1
+                done += 1
+                if done % 64 == 0 and clock() > deadline:
+                    break
+        last_done = rows[done - 1][0]
         txn.put(
-            CURSOR_PREFIX + proc.name.encode(),
-            encode_u64(rows[-1][0] + 1),
-            db=self._store.db("meta"),
+            CURSOR_PREFIX + proc.name.encode(), encode_u64(last_done + 1), db=self._store.db("meta")
         )
-        return len(rows)
+        return done, done < len(rows) or len(rows) >= self._batch
 
     def _dead_letter(self, txn: lmdb.Transaction, name: str, seq: int, exc: Exception) -> None:
         key = name.encode() + b"/" + encode_u64(seq)
