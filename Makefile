@@ -31,7 +31,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
-	$(PIP) install -q -e clients/python -e '.[dev]'
+	$(PIP) install -q -e clients/python -e '.[dev,demo]'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the client and the daemon (idempotent)
