@@ -14,10 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+# The daemon starts trainer hooks as subprocesses while gRPC threads run.
+# gRPC's fork handlers then run in the child between fork and exec and can
+# crash it (SIGSEGV before the trainer starts). The daemon never forks
+# without exec, so it needs none of them. Set before gRPC is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from sidecar import __version__
 from sidecar.errors import ConfigError, SidecarError

@@ -431,8 +431,13 @@ class ValidationConfig(_Section):
     # one's by at most this much (absolute). Stricter blocks more candidates.
     max_error_rate_increase: float = Field(default=0.0, ge=0, le=1)
     # The candidate's mean similarity to the reference answers must be at least
-    # this fraction of the stable model's. 1.0 demands no loss at all.
-    min_similarity_ratio: float = Field(default=0.9, ge=0, le=1)
+    # this fraction of the stable model's. The references are mostly the stable
+    # model's own well-rated answers, so this check flatters the stable model:
+    # a better candidate that answers differently scores lower (measured in the
+    # demo: better candidates 0.78-0.89, a sabotaged one 0.62). It is a gate
+    # against gross breakage; live feedback in shadow and canary judges quality.
+    # 1.0 demands no loss at all and blocks most improvements.
+    min_similarity_ratio: float = Field(default=0.7, ge=0, le=1)
     # Candidate median probe latency / stable median latency must stay below this.
     max_latency_ratio: float = Field(default=1.5, gt=0)
     # Comparator scoring answers against the regression set's references.
