@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -488,11 +489,26 @@ class CanaryConfig(_Section):
     # Feedback guardrail: roll back when the candidate's mean reward is below
     # the stable one's by more than this margin (rewards in [0, 1]).
     feedback_margin: float = Field(default=0.02, ge=0, lt=1)
-    # Before the last comparing stage advances to 100 %, the candidate must be
-    # shown to be no worse than this margin on feedback (0 disables the proof).
-    # Requiring it protects against promoting on weak evidence; it makes good
-    # candidates with little feedback wait for their deadline.
-    feedback_noninferiority_margin: float = Field(default=0.0, ge=0, lt=1)
+    # Promotion needs evidence of non-inferiority, not only no evidence of
+    # harm: before the last comparing stage advances to 100 %, an anytime-valid
+    # lower confidence bound (level 1 - alpha) on the candidate's mean reward
+    # minus the stable one's must be above -non_inferiority_margin. Smaller
+    # demands more feedback (a candidate as good as stable needs roughly
+    # 8 * var / margin^2 paired rewards); 0 disables the proof (promotion on
+    # "no harm seen", which lets a clearly worse candidate with little
+    # feedback through). Inconclusive at the stage deadline: rollout.on_inconclusive.
+    # Also accepted under its former name, feedback_noninferiority_margin.
+    non_inferiority_margin: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        validation_alias=AliasChoices("non_inferiority_margin", "feedback_noninferiority_margin"),
+    )
+    # Ask for the same proof before leaving every stage, not only the last
+    # comparing one: a worse candidate then never gets past its first stage
+    # (it holds there until a guardrail proves harm or the deadline passes),
+    # at the price of good candidates waiting for enough feedback at small shares.
+    non_inferiority_every_stage: bool = False
     # Stable scores averaged into each paired comparison; more lowers noise.
     pair_block: int = Field(default=8, ge=1, le=256)
 

@@ -249,6 +249,7 @@ class Policy:
         beta: float = 1.0,
         preference_weight: float = 1.0,
         anchor: float = 1e-3,
+        kl_weight: float = 0.0,
         unlearn: bool = False,
         negatives: Sequence[SftRow] = (),
         negative_weight: float = 0.5,
@@ -256,12 +257,18 @@ class Policy:
         """Trains in place from SFT rows (weighted likelihood) and preference pairs (DPO).
 
         ``negatives`` are answers users did not want (KTO's undesirable rows):
-        their probability is pushed down (unlikelihood), at ``negative_weight``
-        relative to the SFT term.
+        their log-probability relative to the reference is pushed down through
+        a sigmoid (KTO's bounded loss, ``softplus(beta * (log p - log p_ref))``),
+        at ``negative_weight`` relative to the SFT term. Bounded matters: an
+        unlikelihood loss ``-log(1 - p)`` has a gradient that grows without
+        limit as ``p`` nears 1, so a few noisy "bad" labels on an answer the
+        model is rightly sure of would undo what it knew.
 
-        The DPO term uses the policy as it was before the call as the
-        reference; ``anchor`` is an L2 pull towards those weights, which
-        together with replay keeps the model from forgetting.
+        The DPO and KTO terms use the policy as it was before the call as the
+        reference. Two pulls keep the model from forgetting: ``anchor`` (L2
+        towards the reference weights) and ``kl_weight`` (the KL divergence
+        from the reference's answer distribution on every prompt of the call,
+        as in RLHF's KL penalty); replay rows do the rest.
 
         ``unlearn`` swaps good and bad: SFT rows are pushed down, negatives
         up, every pair reversed. A deliberately bad model, for demos of
@@ -279,6 +286,7 @@ class Policy:
                 preference_weight,
                 negative_weight,
                 anchor,
+                kl_weight,
                 unlearn,
             )
 
@@ -293,6 +301,7 @@ class Policy:
         preference_weight: float,
         negative_weight: float,
         anchor: float,
+        kl_weight: float,
         unlearn: bool,
     ) -> FitReport:
         n0 = len(self.answers)
@@ -317,10 +326,16 @@ class Policy:
                 pref_w[pkey] = pref_w.get(pkey, 0.0) + max(pr.weight, 0.0)
         report.new_answers = len(self.answers) - n0
         n_answers = len(self.answers)
+        base = self.weights.copy()
         terms = [
             _LikelihoodTerm.build(up, n_answers, self.dim, unlikely=False),
             _LikelihoodTerm.build(down, n_answers, self.dim, unlikely=True),
         ]
+        for term in terms:
+            term.set_reference(base, self._softmax, beta)
+        prompts = sorted({k[1] for k in up} | {k[1] for k in down} | {k[2] for k in pref_w})
+        xk = np.stack([featurize(t, self.dim) for t in prompts]) if prompts else None
+        pk_ref = self._softmax(xk @ base.T) if xk is not None else None
         sft_norm = sum(t.weights.sum() for t in terms)
         xp = np.stack([featurize(k[2], self.dim) for k in pref_w]) if pref_w else None
         wp = np.array(list(pref_w.values())) if pref_w else None
@@ -330,12 +345,20 @@ class Policy:
         for i, (c, j, _) in enumerate(pref_w):
             diff[i, c] = 1.0
             diff[i, j] = -1.0
-        base = self.weights.copy()
         ref_margin = ((xp @ base.T) * diff).sum(axis=1) if xp is not None else None
 
         def loss_and_grad(w: Array) -> tuple[float, Array]:
             grad = anchor * (w - base)
             loss = 0.5 * anchor * float(((w - base) ** 2).sum())
+            if kl_weight > 0 and xk is not None and pk_ref is not None:
+                logits = xk @ w.T
+                pk = self._softmax(logits)
+                z = logits / self.temperature
+                logz = z.max(axis=1) + np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1))
+                logp = z - logz[:, None]
+                kl = (pk_ref * (np.log(np.clip(pk_ref, 1e-300, 1)) - logp)).sum(axis=1)
+                loss += kl_weight * float(kl.mean())
+                grad += kl_weight * (pk - pk_ref).T @ xk / len(prompts) / self.temperature
             for term in terms:
                 if len(term.weights) and sft_norm > 0:
                     t_loss, t_grad = term.loss_and_grad(w, self._softmax, float(sft_norm))
@@ -472,6 +495,8 @@ class _LikelihoodTerm:
     onehot: Array
     weights: Array
     unlikely: bool
+    ref_logp: Array = field(default_factory=lambda: np.zeros(0))
+    beta: float = 1.0
 
     @classmethod
     def build(
@@ -483,6 +508,13 @@ class _LikelihoodTerm:
             onehot[i, k] = 1.0
         return cls(x, onehot, np.array(list(rows.values()), dtype=np.float64), unlikely)
 
+    def set_reference(self, w: Array, softmax: Callable[[Array], Array], beta: float) -> None:
+        """Records the reference policy's log-probability of each row's answer."""
+        self.beta = beta
+        if len(self.weights):
+            py = (softmax(self.x @ w.T) * self.onehot).sum(axis=1)
+            self.ref_logp = np.log(np.clip(py, 1e-300, 1))
+
     def loss_and_grad(
         self, w: Array, softmax: Callable[[Array], Array], norm: float
     ) -> tuple[float, Array]:
@@ -490,9 +522,12 @@ class _LikelihoodTerm:
         py = (p * self.onehot).sum(axis=1)
         ws = self.weights
         if self.unlikely:
-            # d/dz of -log(1 - p_y) = p_y / (1 - p_y) * (onehot - p)
-            loss = float(-(ws * np.log(np.clip(1 - py, 1e-12, 1))).sum()) / norm
-            coef = (ws * py / np.clip(1 - py, 1e-12, 1))[:, None]
+            # KTO-style: softplus(beta * r), r = log p_y - log p_ref_y; the gradient
+            # beta * sigmoid(beta * r) * (onehot - p) is bounded and fades once
+            # the answer is well below where the reference had it.
+            r = self.beta * (np.log(np.clip(py, 1e-300, 1)) - self.ref_logp)
+            loss = float((ws * np.logaddexp(0, r)).sum()) / norm
+            coef = (ws * self.beta / (1 + np.exp(-r)))[:, None]
             return loss, (coef * (self.onehot - p)).T @ self.x / norm
         loss = float(-(ws * np.log(np.clip(py, 1e-12, 1))).sum()) / norm
         return loss, ((p - self.onehot) * ws[:, None]).T @ self.x / norm

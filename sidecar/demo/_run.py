@@ -63,8 +63,13 @@ class DemoSettings:
     #: Questions per second from the simulated users (retries come on top).
     rate: float = 60.0
     seed: int = 11
-    #: Stop once this many candidates were promoted and the sabotaged one rolled back.
+    #: Stop once this many candidates were promoted and the sabotaged one rolled back
+    #: (and the stable version is as good as ``min_final_satisfaction`` asks).
     promotions: int = 3
+    #: The stable version must reach this expected satisfaction, and the initial
+    #: one's plus ``min_gain``, before the demo stops; more updates run until it does.
+    min_final_satisfaction: float = 0.8
+    min_gain: float = 0.3
     #: Which training run is sabotaged on purpose (1 = the first).
     sabotage_run: int = 3
     #: Give up (and report what is missing) after this many seconds.
@@ -165,11 +170,21 @@ def sidecar_config(settings: DemoSettings, models_dir: Path) -> dict[str, Any]:
                 "min_agreement": 0.1,
                 "max_latency_p99_ratio": 2.0,
             },
+            # Promotion asks for evidence that the candidate is no worse, at
+            # every stage: a few dozen rewards per stage cannot show harm, so
+            # "no harm seen" would let a regression through, and a worse
+            # candidate must not get past 10 %. The margin is wider than the
+            # default 0.05 because the demo has seconds, not hours, of feedback:
+            # 0.1 is what about 20 s at 10 % of 60 questions/s can show for a
+            # candidate as good as stable (a better one shows it sooner), and it
+            # still stops the regressions that matter here (0.15 and more).
             "canary": {
                 "stages_percent": [10, 50, 100],
                 "min_dwell_seconds": 3.0,
                 "min_samples": 40,
                 "max_dwell_seconds": 40.0,
+                "non_inferiority_margin": 0.1,
+                "non_inferiority_every_stage": True,
             },
         },
         "memory": {},
@@ -382,6 +397,30 @@ class _Monitor:
                 a[0] += n
                 a[1] += s
         return {v: (s / n, n) for v, (n, s) in acc.items() if n}
+
+
+class _Quality:
+    """The exact expected satisfaction of a version (``World.expected_satisfaction``)."""
+
+    def __init__(self, models_dir: Path, settings: DemoSettings) -> None:
+        self.models_dir = models_dir
+        self._cache: dict[str, float] = {}
+        self.target = max(settings.min_final_satisfaction, self.expected("v1") + settings.min_gain)
+
+    def expected(self, version: str) -> float:
+        if version not in self._cache:
+            from sidecar.demo._policy import Policy
+            from sidecar.demo._world import World
+
+            try:
+                policy = Policy.load(self.models_dir / version)
+            except (OSError, ValueError):
+                return 0.0
+            self._cache[version] = World().expected_satisfaction(policy)
+        return self._cache[version]
+
+    def good_enough(self, version: str) -> bool:
+        return self.expected(version) >= self.target
 
 
 def _rollout_dict(r: Any) -> dict[str, Any]:
@@ -604,6 +643,7 @@ def run_demo(
         mon = _Monitor(daemon.target, server_url, stats, models_dir)
         mon.started = started
         view = _View(live, dashboard, settings.promotions)
+        quality = _Quality(models_dir, settings)
         settle_until = 0.0
         while True:
             time.sleep(1.0)
@@ -618,7 +658,8 @@ def run_demo(
                 verdict = "the sabotaged candidate was promoted"
                 break
             caught = mon.sabotage_rolled_back() or settings.sabotage_run <= 0
-            if len(mon.promoted()) >= settings.promotions and caught:
+            good_enough = bool(mon.promoted()) and quality.good_enough(mon.promoted()[-1])
+            if len(mon.promoted()) >= settings.promotions and caught and good_enough:
                 ok = True
                 verdict = f"{len(mon.promoted())} updates promoted" + (
                     " and the sabotaged candidate rolled back automatically"
@@ -634,10 +675,13 @@ def run_demo(
                 )
                 continue
             if elapsed > settings.deadline_s:
+                last = mon.promoted()[-1] if mon.promoted() else "v1"
                 verdict = (
                     f"deadline of {settings.deadline_s:g} s reached with "
                     f"{len(mon.promoted())}/{settings.promotions} promotions, sabotaged "
-                    f"candidate rolled back: {mon.sabotage_rolled_back()}"
+                    f"candidate rolled back: {mon.sabotage_rolled_back()}, stable {last} "
+                    f"expected satisfaction {quality.expected(last):.2f} "
+                    f"(wanted {quality.target:.2f})"
                 )
                 break
             for child in children:

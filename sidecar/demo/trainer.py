@@ -9,7 +9,12 @@ It reads ``D/sft.jsonl`` (rows ``{"prompt", "completion", "reward", "source"}``)
 and ``D/preferences.jsonl`` (rows ``{"prompt", "chosen", "rejected",
 "margin", ...}``); replay rows (``source`` = ``replay``) are trained on like
 new ones and counted apart. When ``D/kto.jsonl`` is there, its undesirable
-rows (``label`` false) are pushed down too. It starts from the artifact of version ``V`` in
+rows (``label`` false) are pushed down too, through KTO's bounded loss relative
+to the base model: the pipeline's selective learning keeps few confident SFT
+rows, so most of the signal is pairs and KTO rows, and a handful of noisy
+"undesirable" labels on an answer the model is rightly sure of must not undo
+it. A KL pull towards the base model's answers (``--kl-weight``) keeps what
+the base knew where the snapshot says nothing. It starts from the artifact of version ``V`` in
 ``M/V/``, writes the new artifact to ``M/<new version>/`` (never over an
 existing one) and answers with ``O/candidate.json``::
 
@@ -171,6 +176,7 @@ def train(
     sabotage_run: int = 0,
     steps: int = 100,
     lr: float = 2.0,
+    kl_weight: float = 0.1,
 ) -> dict[str, Any]:
     """Trains one candidate; returns the ``candidate.json`` document it wrote.
 
@@ -198,6 +204,7 @@ def train(
         unlearn=sabotaged,
         negatives=negatives,
         negative_weight=1.0,
+        kl_weight=kl_weight,
     )
     policy.meta = {
         "base_version": base_version,
@@ -246,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--lr", type=float, default=2.0, help="learning rate scale (default 2.0)")
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=0.1,
+        help="pull towards the base model's answers, against forgetting (default 0.1)",
+    )
     args = p.parse_args(argv)
     if not args.models_dir:
         print("trainer: --models-dir (or ATLAS_DEMO_MODELS_DIR) is required", file=sys.stderr)
@@ -260,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sabotage_run=args.sabotage_run,
             steps=args.steps,
             lr=args.lr,
+            kl_weight=args.kl_weight,
         )
     except DatasetError as exc:
         print(f"trainer: bad dataset: {exc}", file=sys.stderr)

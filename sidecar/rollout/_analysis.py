@@ -129,7 +129,7 @@ class SequentialJudge:
         self.latency = RateRatioTest(null_ratio=config.latency_exceedance_ratio)
         self.feedback = MeanDifferenceTest(
             margin=config.feedback_margin,
-            safe_margin=max(config.feedback_noninferiority_margin, 1e-6),
+            safe_margin=max(config.non_inferiority_margin, 1e-6),
             block=config.pair_block,
         )
         self.counts = _Counts()
@@ -174,9 +174,20 @@ class SequentialJudge:
         evidence["e_values"] = {k: round(v, 3) if v < 1e9 else 1e9 for k, v in e.items()}
         evidence["threshold"] = self._threshold
         safe = True
-        if final_stage and self._cfg.feedback_noninferiority_margin > 0:
-            evidence["feedback_noninferiority_e"] = round(min(self.feedback.safe_e, 1e9), 3)
-            safe = self.feedback.safe_e >= self._threshold
+        margin = self._cfg.non_inferiority_margin
+        if margin > 0 and (final_stage or self._cfg.non_inferiority_every_stage):
+            # safe_e >= 1/alpha is the same as: the anytime-valid (1 - alpha)
+            # lower confidence bound on E[candidate - stable] lies above -margin.
+            safe_e = self.feedback.safe_e
+            safe = safe_e >= self._threshold
+            c, s = self.feedback.means()
+            evidence["non_inferiority"] = {
+                "margin": margin,
+                "e_value": round(min(safe_e, 1e9), 3),
+                "shown": safe,
+                "difference": round(c - s, 4) if c is not None and s is not None else None,
+                "pairs": self.feedback.pairs,
+            }
         return Verdict(harm if e[harm] >= self._threshold else None, safe, evidence)
 
     def state(self) -> dict[str, Any]:

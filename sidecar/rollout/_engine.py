@@ -203,8 +203,13 @@ class RolloutEngine:
     # -- public API --------------------------------------------------------
 
     def rollout_active(self) -> bool:
-        """True while a rollout is in progress (the learning scheduler waits)."""
-        return self._active is not None
+        """True while a rollout is in progress (the learning scheduler waits).
+
+        A finished rollout whose stable-version hooks have not yet run still
+        counts: until they have, the registry names the old stable version,
+        and an update triggered then would train from it.
+        """
+        return self._active is not None or any(r.hooks_pending for r in self._retiring.values())
 
     @property
     def stable_version(self) -> str:

@@ -160,3 +160,25 @@ def test_negatives_push_unwanted_answers_down() -> None:
     k = nxt.answers.index(bad)
     for p in prompts:
         assert nxt.probabilities(p.text)[k] < 0.5 * policy.probabilities(p.text)[k]
+
+
+def test_noisy_negatives_do_not_undo_what_the_pairs_teach() -> None:
+    # Selective learning leaves mostly pairs and KTO rows; some "undesirable"
+    # labels land on the best answer (noise). A model already sure of it must
+    # stay sure: the KTO loss is bounded, an unlikelihood loss is not.
+    world = World()
+    prompts = [p for p in world.all_prompts() if p.intent == 0]
+    best, ok = world.intents[0].answers[0], world.intents[0].answers[1]
+    policy = world.initial_policy()
+    policy.fit([SftRow(p.text, best, 1.0) for p in prompts], [], steps=200)
+    k = policy.answers.index(best)
+    before = min(policy.probabilities(p.text)[k] for p in prompts)
+    assert before > 0.9
+    nxt = policy.copy("v3")
+    pairs = [PreferenceRow(p.text, best, ok, 1.0) for p in prompts for _ in range(5)]
+    bad = world.intents[0].answers[2:]
+    negatives = [SftRow(p.text, a, 1.0) for p in prompts for a in bad]
+    negatives += [SftRow(p.text, best, 1.0) for p in prompts[::4]]  # noise
+    nxt.fit([], pairs, negatives=negatives, negative_weight=1.0, kl_weight=0.1)
+    after = min(nxt.probabilities(p.text)[k] for p in prompts)
+    assert after >= before - 0.02, (before, after)

@@ -41,6 +41,8 @@ class Traffic:
     def __init__(self, control: FakeControlPlane, cand_error: float = 0.01) -> None:
         self.control = control
         self.cand_error = cand_error
+        #: Feedback rewards per candidate request (stable: one per three requests).
+        self.cand_feedback = 1 / 3
         self.rps = 100
         self.rng = np.random.default_rng(7)
         self.candidate = ""
@@ -50,15 +52,17 @@ class Traffic:
         w = self.control.weight_bps(self.candidate) / 10_000
         nc = int(n * w)
 
-        def arm(k: int, err: float) -> ArmBatch:
+        def arm(k: int, err: float, feedback: float = 1 / 3) -> ArmBatch:
             return ArmBatch(
                 200 * np.exp(self.rng.normal(0, 0.3, k)),
                 self.rng.random(k) < err,
-                self.rng.beta(3.6, 2.4, k // 3),
+                self.rng.beta(3.6, 2.4, int(k * feedback)),
             )
 
         return Collected(
-            TrafficBatch(arm(nc, self.cand_error), arm(n - nc, 0.01)), ShadowBatch(), cursor + 1
+            TrafficBatch(arm(nc, self.cand_error, self.cand_feedback), arm(n - nc, 0.01)),
+            ShadowBatch(),
+            cursor + 1,
         )
 
 
@@ -194,6 +198,77 @@ async def test_rollout_bad_candidate_rolled_back_before_ten_percent(h: Harness) 
     rb = h.history("rollback")
     assert len(rb) == 1 and rb[0]["candidate_requests"] > 0
     assert engine.last_rollback_seconds is not None
+
+
+def _max_weight(h: Harness, version: str) -> int:
+    return max(r.weight_bps for d in h.control.history for r in d.routes if r.version == version)
+
+
+async def test_rollout_without_evidence_of_non_inferiority_is_not_promoted(h: Harness) -> None:
+    # No feedback on the candidate: nothing shows harm, but nothing shows it is
+    # no worse either. It holds at the last comparing stage, then rolls back.
+    engine, traffic = await _canary(h)
+    traffic.cand_feedback = 0.0
+    await engine.start_rollout("v2")
+    await h.run(engine, 4 * 3600)
+    rec = engine.list_rollouts()[0]
+    assert rec.state == "ROLLED_BACK"
+    assert "non-inferiority not shown" in rec.transitions[-1].reason
+    assert _max_weight(h, "v2") == 5000
+    ev = h.history("rollback")[0]
+    assert ev["candidate_feedback_n"] == 0
+
+
+async def test_rollout_non_inferiority_margin_zero_promotes_on_no_harm(h: Harness) -> None:
+    engine, traffic = await _canary(h, canary={"non_inferiority_margin": 0.0})
+    traffic.cand_feedback = 0.0
+    await engine.start_rollout("v2")
+    await h.run(engine, 4 * 3600)
+    assert engine.list_rollouts()[0].state == "PROMOTED"
+
+
+async def test_rollout_non_inferiority_every_stage_holds_at_the_first(h: Harness) -> None:
+    engine, traffic = await _canary(h, canary={"non_inferiority_every_stage": True})
+    traffic.cand_feedback = 0.0
+    await engine.start_rollout("v2")
+    await h.run(engine, 4 * 3600)
+    rec = engine.list_rollouts()[0]
+    assert rec.state == "ROLLED_BACK"
+    assert _max_weight(h, "v2") == 100
+    assert rec.transitions[-1].evidence["non_inferiority"]["shown"] is False
+
+
+async def test_rollout_counts_as_active_until_the_stable_hook_ran(h: Harness) -> None:
+    # The learning scheduler trains from the registry's stable version: it must
+    # not fire between the promotion and the hook that records the new stable.
+    import asyncio
+
+    entered = asyncio.Event()
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def hook(version: str) -> None:
+        entered.set()
+        await release.wait()
+        seen.append(version)
+
+    engine, _ = await _canary(h, canary={"stages_percent": [50, 100], "min_dwell_seconds": 1})
+    engine.add_stable_hook(hook)
+    await engine.start_rollout("v2")
+    task = None
+    for _ in range(200):
+        h.clock.ms += 30_000
+        task = asyncio.ensure_future(engine.step())
+        done, _ = await asyncio.wait({task}, timeout=0.05)
+        if entered.is_set() or not done:
+            break
+    await asyncio.wait_for(entered.wait(), 5)
+    assert engine.list_rollouts()[0].state == "PROMOTED"
+    assert engine.rollout_active()
+    release.set()
+    assert task is not None
+    await task
+    assert seen == ["v2"] and not engine.rollout_active()
 
 
 async def test_rollout_no_traffic_holds_then_rolls_back_at_the_deadline(h: Harness) -> None:
