@@ -9,6 +9,7 @@ jobs' futures: a future that resolves means the data is durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import errno
 import logging
@@ -207,7 +208,11 @@ class StoreWriter:
                     break
                 jobs.append(nxt)
                 weight += nxt.weight
-            self._commit(jobs)
+            try:
+                self._commit(jobs)
+            except BaseException as exc:  # never let the only writer thread die
+                log.exception("store writer: commit failed unexpectedly")
+                self._fail(jobs, StoreError(f"store write failed: {exc}"))
         # Drain whatever was queued before the stop marker.
         leftover: list[_Job] = []
         if carry is not None:
@@ -276,7 +281,8 @@ class StoreWriter:
         self.stats.failed_commits += 1
         for job in jobs:
             if not job.future.done():
-                job.future.set_exception(exc)
+                with contextlib.suppress(Exception):  # cancelled or resolved meanwhile
+                    job.future.set_exception(exc)
 
     def _apply(self, jobs: list[_Job]) -> tuple[list[Any], int, dict[str, int]]:
         store = self._store
