@@ -236,7 +236,7 @@ class ProcessorRunner:
             # opens (a trigger) are its children.
             with ins.log_batch_span("process.batch", start, start, processor=proc.name) as span:
                 done, exhausted = self._apply(
-                    txn, proc, start, time.perf_counter() + max(share, 0.001)
+                    txn, proc, start, time.perf_counter() + max(share, 0.001), last
                 )
                 span.set_attribute("events", done)
                 ins.link_ingests(span, start, start + done - 1)
@@ -248,17 +248,29 @@ class ProcessorRunner:
         return more, report
 
     def _apply(
-        self, txn: lmdb.Transaction, proc: LogProcessor, start: int, deadline: float
+        self,
+        txn: lmdb.Transaction,
+        proc: LogProcessor,
+        start: int,
+        deadline: float,
+        last: int | None = None,
     ) -> tuple[int, bool]:
         """Processes events from ``start`` until the batch size or ``deadline``, then
-        advances the cursor in the same transaction. Returns (processed, cut short)."""
+        advances the cursor in the same transaction. Returns (processed, cut short).
+
+        Only committed events (``seq <= last``) are processed: this job may share
+        a group commit with an ingest batch that is not durable, nor acked, yet.
+        """
         events_db = self._store.db("events")
         rows: list[tuple[int, int, bytes]] = []
         with txn.cursor(db=events_db) as cur:
             if cur.set_range(encode_u64(start)):
                 for key, value in cur:
+                    seq = decode_u64(key)
+                    if last is not None and seq > last:
+                        break
                     ingest_ms, payload = decode_log_value(value)
-                    rows.append((decode_u64(key), ingest_ms, payload))
+                    rows.append((seq, ingest_ms, payload))
                     if len(rows) >= self._batch:
                         break
         if not rows:
