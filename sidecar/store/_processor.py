@@ -8,6 +8,16 @@ the cursor move are both committed, or neither is.
 An event that makes ``process`` raise is dead-lettered (stored in
 ``dead_letters`` with the processor name and the reason, counted) and the
 processor goes on with the next event.
+
+A processor may also define ``end_batch(txn)`` (:class:`BatchingLogProcessor`):
+the runner calls it after the last ``process`` of a batch, in the same
+transaction, before that transaction commits. A processor that keeps running
+totals in memory during a batch writes them there, once per batch instead of
+once per event. When a batch fails, its transaction is aborted without
+``end_batch`` and the events are retried one by one, each in a transaction
+of its own that ends with ``end_batch``; so a processor must discard any
+state it accumulated for a transaction that never reached ``end_batch``
+(keying that state to the transaction object does it).
 """
 
 from __future__ import annotations
@@ -30,7 +40,13 @@ from sidecar.store._env import Store
 from sidecar.store._retention import CURSOR_PREFIX
 from sidecar.store._writer import StoreWriter
 
-__all__ = ["LogProcessor", "ProcessorRunner", "ProcessorStats", "read_cursor"]
+__all__ = [
+    "BatchingLogProcessor",
+    "LogProcessor",
+    "ProcessorRunner",
+    "ProcessorStats",
+    "read_cursor",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +55,9 @@ class LogProcessor(Protocol):
     """One consumer of the event log.
 
     ``name`` keys its cursor; keep it stable. ``process`` gets the event's
-    sequence number, ingest time and the parsed Event. ``tick`` runs
-    periodically (for time-based work such as reward windows) in its own
+    sequence number, ingest time and the parsed Event; the Event object is
+    shared with the other processors, so it must not be modified. ``tick``
+    runs periodically (for time-based work such as reward windows) in its own
     transaction. Both run on the writer thread: no blocking I/O.
     """
 
@@ -51,6 +68,17 @@ class LogProcessor(Protocol):
     ) -> None: ...
 
     def tick(self, txn: lmdb.Transaction, now_ms: int) -> None: ...
+
+
+class BatchingLogProcessor(LogProcessor, Protocol):
+    """A processor that writes what it accumulated in memory once per batch.
+
+    ``end_batch(txn)`` runs after the batch's last ``process``, in the same
+    transaction, before it commits (see the module docstring for the failure
+    path). ``tick`` must flush its own writes before it returns.
+    """
+
+    def end_batch(self, txn: lmdb.Transaction) -> None: ...
 
 
 @dataclass(slots=True)
@@ -171,6 +199,9 @@ class ProcessorRunner:
         """Processes one batch per processor. Returns True when more is waiting."""
         more = False
         last = self._writer.next_seq - 1
+        # Processors usually sit at the same cursor: the log rows they read
+        # are decoded and parsed once and shared for this round.
+        shared: dict[int, list[tuple[int, int, events_pb2.Event]]] = {}
         for proc in self._processors:
             with self._store.read() as txn:
                 start = read_cursor(txn, self._store, proc.name)
@@ -179,32 +210,52 @@ class ProcessorRunner:
             if start > last:
                 continue
             started = time.perf_counter()
-            n = await self._writer.run(functools.partial(self._apply, proc=proc, start=start))
+            n = await self._writer.run(
+                functools.partial(self._apply, proc=proc, start=start, shared=shared)
+            )
             st.last_batch_seconds = time.perf_counter() - started
             st.batches += 1
             if n >= self._batch:
                 more = True
         return more
 
-    def _apply(self, txn: lmdb.Transaction, proc: LogProcessor, start: int) -> int:
-        """Runs on the writer thread: process up to a batch, advance the cursor."""
-        events_db = self._store.db("events")
-        rows: list[tuple[int, int, bytes]] = []
-        with txn.cursor(db=events_db) as cur:
+    def _read(self, txn: lmdb.Transaction, start: int) -> list[tuple[int, int, events_pb2.Event]]:
+        rows: list[tuple[int, int, events_pb2.Event]] = []
+        with txn.cursor(db=self._store.db("events")) as cur:
             if cur.set_range(encode_u64(start)):
                 for key, value in cur:
                     ingest_ms, payload = decode_log_value(value)
-                    rows.append((decode_u64(key), ingest_ms, payload))
+                    rows.append((decode_u64(key), ingest_ms, _parse(payload)))
                     if len(rows) >= self._batch:
                         break
+        return rows
+
+    def _apply(
+        self,
+        txn: lmdb.Transaction,
+        proc: LogProcessor,
+        start: int,
+        shared: dict[int, list[tuple[int, int, events_pb2.Event]]] | None = None,
+    ) -> int:
+        """Runs on the writer thread: process up to a batch, advance the cursor."""
+        # The log is append-only and dense, so rows read earlier in this round
+        # from the same start are still a valid batch (possibly a shorter one).
+        rows = shared.get(start) if shared is not None else None
+        if rows is None:
+            rows = self._read(txn, start)
+            if shared is not None:
+                shared[start] = rows
         if not rows:
             return 0
         st = self.stats[proc.name]
+        end_batch = getattr(proc, "end_batch", None)
         env = self._store.env
         child = env.begin(write=True, parent=txn)
         try:
-            for seq, ingest_ms, payload in rows:
-                proc.process(child, seq, ingest_ms, _parse(payload))
+            for seq, ingest_ms, event in rows:
+                proc.process(child, seq, ingest_ms, event)
+            if end_batch is not None:
+                end_batch(child)
             child.commit()
             st.processed += len(rows)
         except lmdb.MapFullError:
@@ -213,10 +264,12 @@ class ProcessorRunner:
         except Exception:
             child.abort()
             # isolate the bad event(s): one nested transaction per event
-            for seq, ingest_ms, payload in rows:
+            for seq, ingest_ms, event in rows:
                 one = env.begin(write=True, parent=txn)
                 try:
-                    proc.process(one, seq, ingest_ms, _parse(payload))
+                    proc.process(one, seq, ingest_ms, event)
+                    if end_batch is not None:
+                        end_batch(one)
                     one.commit()
                     st.processed += 1
                 except lmdb.MapFullError:

@@ -69,10 +69,12 @@ class Harness:
             for ev in events:
                 self.seq += 1
                 self.proc.process(txn, self.seq, at_ms, ev)
+            self.proc.end_batch(txn)
 
     def close_all(self) -> None:
         with self.store.env.begin(write=True) as txn:
             self.proc._close_until(txn, 10**15)
+            self.proc.end_batch(txn)
 
     def samples(self) -> dict[str, Any]:
         with self.store.read() as txn:
