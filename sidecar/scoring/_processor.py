@@ -237,8 +237,9 @@ class FeedbackProcessor:
         db = self._store.db
         self._meta, self._requests, self._windows = db("meta"), db("requests"), db("windows")
         self._samples, self._pairs, self._prompts = db("samples"), db("pairs"), db("prompts")
-        if self.weight_version is None:
-            self.bind(txn)
+        # Every batch, not once: a first batch that failed and was retried
+        # event by event took its weight-version record with it.
+        self.bind(txn)
         raw = txn.get(COUNTERS_KEY, db=self._meta)
         b = self._batch = _Batch(txn, bytes(raw) if raw else _NO_COUNTERS)
         return b
