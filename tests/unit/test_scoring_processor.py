@@ -24,6 +24,7 @@ from sidecar.scoring import (
     score_feedback,
 )
 from sidecar.store import ProcessorRunner, Store, StoreWriter, encode_log_value, encode_u64
+from sidecar.training import ModelRegistry
 
 S = events_pb2.Signal
 WINDOW_MS = 10_000
@@ -308,10 +309,16 @@ async def _run_log(tmp: Path, log: list[tuple[int, events_pb2.Event]], batch: in
     writer = StoreWriter(st, StoreConfig(data_dir=tmp, sync=False))
     await writer.start()
     try:
-        proc = FeedbackProcessor(st, ScoringConfig(reward_window_seconds=0.01))
+        registry = ModelRegistry(st, writer)
+        proc = FeedbackProcessor(
+            st,
+            ScoringConfig(reward_window_seconds=0.01),
+            on_primary_version=registry.observe_primary_version,
+        )
         runner = ProcessorRunner(st, writer, [proc], batch_events=batch)
         while await runner.run_once():
             pass
+        assert registry.stable_version() == "v1"  # learnt from the first PRIMARY answer
         return runner.status(), _views(st)
     finally:
         await writer.shutdown()
