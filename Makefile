@@ -23,7 +23,7 @@ TS_OUT := $(TS_CLIENT)/src/gen
 TS_STAMP := $(TS_CLIENT)/node_modules/.installed
 CLIENTS_OUT := $(GO_OUT) $(TS_OUT)
 
-.PHONY: install proto proto-check buf clients clients-check test-clients run demo test lint bench clean help
+.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -31,7 +31,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
-	$(PIP) install -q -e clients/python -e '.[dev]'
+	$(PIP) install -q -e clients/python -e '.[dev,demo]'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the client and the daemon (idempotent)
@@ -79,7 +79,10 @@ run: $(STAMP)  ## run the daemon with defaults (gRPC 127.0.0.1:50051, HTTP 127.0
 demo: $(STAMP)  ## the whole loop on one machine
 	$(VENV)/bin/atlas-sidecar demo
 
-test: $(STAMP)  ## every test (unit, integration, end-to-end), then the Go and TypeScript clients'
+chromium:  ## headless Chromium for the dashboard's browser test (Debian package)
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+
+test: $(STAMP) chromium  ## every test (unit, integration, end-to-end), then the Go and TypeScript clients'
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-clients
 
@@ -96,4 +99,4 @@ bench: $(STAMP)  ## benchmarks; each prints one comparable figure
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:  ## remove build output and local data (keeps .venv)
-	rm -rf var build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var build *.egg-info .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -135,6 +135,13 @@ def daemon(tmp: str, **env: str) -> DaemonProcess:
     return DaemonProcess(Path(tmp) / "data", http_port=0, env=env)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, RssAnon) in MB."""
     fields = {}

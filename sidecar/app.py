@@ -9,7 +9,6 @@ the writer drained and the store closed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from typing import Any, Protocol
 
@@ -38,18 +37,22 @@ from sidecar.learning import (
     ActiveLearningServicer,
     FeedbackAnswerProcessor,
     HashedNgramVectorizer,
+    HoldoutAtCuration,
     HoldoutSet,
     LearningScheduler,
     MemoryConsolidation,
     RegressionSuite,
     SelectiveLearner,
     SelectiveReplayComposer,
+    SelectiveReplayStep,
+    curation_options,
     learning_quality_report,
 )
 from sidecar.rollout import RecentGoodAnswers, RegressionCase, RolloutAdmin, RolloutEngine
 from sidecar.scoring import FeedbackProcessor
 from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
-from sidecar.training import ModelRecord, ModelRegistry, TrainingStage
+from sidecar.telemetry import LearningMonitor, Telemetry
+from sidecar.training import ComposerChain, ModelRecord, ModelRegistry, TrainingStage
 from sidecar.web import WebServer
 
 __all__ = ["SidecarApp", "Stage"]
@@ -97,7 +100,9 @@ class _FirstNonEmpty:
 class SidecarApp:
     """The daemon. ``start()`` binds every port or raises; ``shutdown()`` is idempotent."""
 
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(
+        self, config: SidecarConfig, *, telemetry_options: dict[str, Any] | None = None
+    ) -> None:
         self.config = config
         self.store = Store(config.store)
         self.writer = StoreWriter(self.store, config.store)
@@ -120,6 +125,27 @@ class SidecarApp:
         # Stages that read the event log register processors here before start.
         self.processors = ProcessorRunner(self.store, self.writer, [])
         self.handlers.status["processing"] = self.processors.status
+        # -- telemetry: tracing, metrics, the traffic view and the learning
+        # report. Started before the other stages so their first spans and
+        # metrics are recorded; stopped after them (it is not in ``stages``).
+        # Pass ``span_exporter``/``metric_readers`` through ``telemetry_options``
+        # to capture telemetry in-process (tests).
+        self.telemetry = Telemetry(
+            config.telemetry,
+            store=self.store,
+            writer=self.writer,
+            processors=self.processors,
+            open_streams=lambda: self.ingest.open_streams,
+            **(telemetry_options or {}),
+        )
+        if self.telemetry.enabled:
+            self.ingest.add_observer(self.telemetry.observe_ingest)
+        if self.telemetry.traffic is not None:
+            self.handlers.status["telemetry"] = self.telemetry.traffic.status
+        self.monitor = LearningMonitor(
+            self.store, config.telemetry, traffic_source=self.control.desired
+        )
+        self.handlers.report = self.monitor
 
         # -- what to learn from, what to remember, when to ask ------------------
         # Memory and the holdout form the regression suite validation probes
@@ -145,10 +171,8 @@ class SidecarApp:
         self.handlers.status["memory"] = self.memory.status
         self.handlers.status["holdout"] = self.holdout.status
         self.handlers.status["active_learning"] = self.active.status
-        # for the learning report: memory per task, holdout size, ask/answer rates
-        self.learning_quality = functools.partial(
-            learning_quality_report, self.memory, self.holdout, self.active
-        )
+        # the learning report's section: memory per task, holdout, ask/answer rates
+        self.monitor.sections["learning_quality"] = self.learning_quality
         # Stages started after the writer and before the servers, stopped in
         # reverse order after the servers.
         self.stages: list[Stage] = []
@@ -176,6 +200,7 @@ class SidecarApp:
             baseline_samples=lcfg.baseline_samples,
             recent_samples=lcfg.recent_samples,
             on_primary_version=self.registry.observe_primary_version,
+            **curation_options(config),
         )
         self.processors.add(self.scoring)
         self.scheduler = LearningScheduler(
@@ -188,6 +213,7 @@ class SidecarApp:
             scheduler=self.scheduler,
             registry=self.registry,
             scoring=self.scoring,
+            holdout=self.holdout,
         )
         self.stages.append(self.training)
         self.handlers.registry = self.registry
@@ -210,6 +236,27 @@ class SidecarApp:
         self.stages.append(self.rollouts)
         self.handlers.rollouts = RolloutAdmin(self.rollouts)
         self.handlers.status["rollout"] = self.rollouts.status
+
+        # -- curation <-> selective learning, memory, holdout --------------------
+        # A good sample's holdout decision is made when it is first curated,
+        # in the transaction that stores it (and so is never undone by a
+        # replay). Every dataset snapshot then goes through the selective
+        # replay step: held-out requests and prompts out (pairs too), new
+        # samples valued and cut at the threshold, highest value first,
+        # memory replayed at exactly memory.replay_ratio and consolidated
+        # from the samples trained on. Exports skip the holdout as well
+        # (TrainingStage.export, atlas-sidecar export).
+        self.scoring.sample_listeners.append(HoldoutAtCuration.for_config(self.holdout, config))
+        training_chain = self.training.composer
+        if not isinstance(training_chain, ComposerChain):
+            raise TypeError("training.composer must be a ComposerChain to add the replay step")
+        training_chain.append(
+            SelectiveReplayStep(
+                self.composer,
+                task_attribute=config.memory.task_attribute,
+                default_task=config.memory.default_task,
+            )
+        )
 
         # -- learning <-> rollout ---------------------------------------------
         # No update while a rollout runs; a registered candidate may start a
@@ -238,6 +285,17 @@ class SidecarApp:
         )
         return rollout.rollout_id
 
+    def learning_quality(self) -> dict[str, Any]:
+        """The learning report's quality section, for the report and telemetry.
+
+        ``{memory_size_per_task, memory_size, task_boundaries, holdout_size,
+        holdout_size_per_task, ask_rate, answer_rate, asks, answers}``; the
+        same figures are in status under ``memory``, ``holdout`` and
+        ``active_learning``. Reads the store (short read transactions): call
+        it after ``start()``.
+        """
+        return learning_quality_report(self.memory, self.holdout, self.active)
+
     def status_dict(self) -> dict[str, Any]:
         return status_to_dict(self.admin.status())
 
@@ -253,12 +311,20 @@ class SidecarApp:
         try:
             await self.writer.start()
             await self.retention.start()
+            await self.telemetry.start()
             for stage in self.stages:
                 await stage.start()
             await self.processors.start()
             await self._start_grpc()
             if cfg.server.http_listen:
-                self.web = WebServer(cfg.server.http_listen, self.status_dict)
+                self.web = WebServer(
+                    cfg.server.http_listen,
+                    self.status_dict,
+                    metrics=self.telemetry.metrics_text if self.telemetry.enabled else None,
+                    report=self.monitor.report_dict,
+                    rollout=self.monitor.rollout_dict,
+                    refresh_seconds=cfg.telemetry.dashboard_refresh_seconds,
+                )
                 await self.web.start()
                 self.ports["http"] = self.web.port or 0
         except BaseException:
@@ -281,6 +347,7 @@ class SidecarApp:
     async def _start_grpc(self) -> None:
         cfg = self.config.server
         server = grpc.aio.server(
+            interceptors=self.telemetry.grpc_interceptors(),
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -345,6 +412,10 @@ class SidecarApp:
                 await stage.shutdown()
             except Exception:
                 log.exception("stage shutdown failed")
+        try:
+            await self.telemetry.shutdown()
+        except Exception:
+            log.exception("telemetry shutdown failed")
         await self.retention.shutdown()
         await self.writer.shutdown()
         self.store.close()

@@ -90,9 +90,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("file", metavar="FILE")
 
-    d = sub.add_parser("demo", help="run the whole loop on this machine")
-    d.add_argument("--data-dir", default=None, metavar="DIR", help="where the demo keeps its data")
-    d.add_argument("--events", type=int, default=20000, help="events to stream (default 20000)")
+    d = sub.add_parser(
+        "demo",
+        help="run the whole loop on this machine",
+        description="Sidecar, reference inference server and simulated users on loopback, "
+        "until updates are promoted and a sabotaged candidate is rolled back.",
+    )
+    d.add_argument(
+        "--data-dir", default="./var/demo", metavar="DIR", help="demo data (default ./var/demo)"
+    )
+    d.add_argument("--rate", type=float, default=60.0, help="user questions/s (default 60)")
+    d.add_argument("--seed", type=int, default=11, help="seed of users and server (default 11)")
+    d.add_argument(
+        "--deadline", type=float, default=170.0, help="give up after SECONDS (default 170)"
+    )
+    d.add_argument("--plain", action="store_true", help="print lines instead of a live view")
+    d.add_argument(
+        "--promotions", type=int, default=3, help="updates to promote before stopping (default 3)"
+    )
+    d.add_argument(
+        "--settle",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="keep measuring the final stable version this long (default 15)",
+    )
+    d.add_argument(
+        "--sabotage-run",
+        type=int,
+        default=3,
+        metavar="N",
+        help="which training run is sabotaged on purpose (default 3; 0: none)",
+    )
 
     for name, (setup, _run) in EXTRA_COMMANDS.items():
         setup(sub.add_parser(name))
@@ -115,7 +144,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"atlas-sidecar: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level, json_logs=not args.plain_logs)
+    configure_logging(
+        args.log_level, json_logs=not args.plain_logs, log_text=config.telemetry.log_text
+    )
     return _run_daemon(config)
 
 
@@ -204,9 +235,18 @@ def _validate_config(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import run_demo
+    from sidecar.demo import DemoSettings, run_demo
 
-    return run_demo(data_dir=args.data_dir, events=args.events)
+    settings = DemoSettings(
+        rate=args.rate,
+        seed=args.seed,
+        deadline_s=args.deadline,
+        live=False if args.plain else None,
+        promotions=args.promotions,
+        sabotage_run=args.sabotage_run,
+        settle_s=args.settle,
+    )
+    return run_demo(args.data_dir, settings=settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,7 @@ __all__ = [
     "ServerConfig",
     "SidecarConfig",
     "StoreConfig",
+    "TelemetryConfig",
     "TrainingConfig",
     "load_config",
 ]
@@ -126,6 +127,40 @@ class IngestConfig(_Section):
     # Batches of one stream being committed at once. More hides commit latency
     # behind reading; fewer bounds memory per stream.
     max_inflight_batches: int = Field(default=64, ge=1)
+
+
+class TelemetryConfig(_Section):
+    # Spans, metrics and the per-version traffic view. Off saves a few
+    # percent of ingest CPU and leaves operators blind; /metrics then 404s.
+    # Exporters follow the standard OTEL_* variables (OTLP only when
+    # OTEL_EXPORTER_OTLP_ENDPOINT is set).
+    enabled: bool = True
+    # Put prompt, response and correction text into log records. Off by
+    # default: logs leave the pod and user text must not.
+    log_text: bool = False
+    # Resolution of "performance over time" in the report. Smaller draws a
+    # finer chart and stores more points (one small record per bucket).
+    report_bucket_seconds: float = Field(default=60.0, ge=1.0)
+    # Buckets kept for the report; older ones are dropped (1440 x 60 s = 1 day).
+    report_buckets_kept: int = Field(default=1440, ge=10)
+    # Updates averaged into "recent improvement". Fewer reacts faster and is noisier.
+    recent_updates: int = Field(default=3, ge=1)
+    # Window of "learning velocity" (improvement per day) and its delta.
+    # Longer is smoother and slower to show a change.
+    velocity_window_days: float = Field(default=7.0, gt=0)
+    # Requests remembered to attribute feedback to a model version. More
+    # memory (about 100 bytes each) versus feedback counted as version "unknown".
+    request_versions_kept: int = Field(default=100_000, ge=1000)
+    # Most of one core the traffic view (per-version metrics, the report's
+    # time series) may use while it is behind the log. Lower protects ingest
+    # during bursts; the view then lags longer before it catches up.
+    view_cpu_share: float = Field(default=0.03, gt=0, le=1)
+    # Events the view may fall behind before it skips ahead (counted in
+    # atlas_telemetry_view_skipped_events_total) instead of holding the log's
+    # retention back.
+    view_max_lag_events: int = Field(default=2_000_000, ge=10_000)
+    # How often the dashboard polls /api/report and /api/rollout.
+    dashboard_refresh_seconds: float = Field(default=5.0, ge=1.0)
 
 
 # -- learning: scoring, scheduler, training ----------------------------------
@@ -558,6 +593,7 @@ class SidecarConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     learning: LearningConfig = Field(default_factory=LearningConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

@@ -63,7 +63,8 @@ type Decision struct {
 	// Version serves the request and its answer is shown to the user.
 	Version string
 	// Mirror is true when a copy of the request should also go to
-	// MirrorVersion; that answer is never shown (record it with role SHADOW).
+	// MirrorVersion; that answer is never shown (record it with role SHADOW
+	// and the same request id, which is how the sidecar pairs the two).
 	Mirror        bool
 	MirrorVersion string
 	// Bucket is the request's routing bucket in [0, 10000).

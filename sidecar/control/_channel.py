@@ -47,6 +47,7 @@ from sidecar.control._state import (
     split_versions,
 )
 from sidecar.store import Store, StoreWriter
+from sidecar.telemetry import instruments as ins
 
 __all__ = ["ControlChannel", "ControlServicer", "ProbeStatus", "ReplicaStatus"]
 
@@ -476,6 +477,15 @@ class ControlChannel:
             if applied.split_revision:
                 r.split_revision = applied.split_revision
             p = r.pending.get(applied.directive_id)
+            with ins.span(
+                "directive.applied",
+                server_id=session.server_id,
+                kind=p.kind if p is not None else "unknown",
+                ok=applied.ok,
+                error=applied.error or None,
+            ):
+                pass
+            ins.directive_applied(p.kind if p is not None else "unknown", applied.ok)
             probes: list[ProbeRecord] = []
             if p is None:
                 self.counters["applied_unknown"] += 1
@@ -652,7 +662,15 @@ class ControlChannel:
                 self.counters["directives_resent"] += 1
             else:
                 self.counters["directives_sent"] += 1
-            session.queue.put_nowait(p.directive)
+            with ins.span(
+                "directive.send",
+                server_id=r.server_id,
+                kind=p.kind,
+                key=p.key,
+                attempt=p.attempts + 1,
+            ):
+                session.queue.put_nowait(p.directive)
+            ins.directive_sent(p.kind)
 
     async def _retry_loop(self) -> None:
         while True:

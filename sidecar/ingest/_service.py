@@ -19,9 +19,10 @@ __all__ = ["BatchObserver", "IngestServicer"]
 
 log = logging.getLogger(__name__)
 
-#: Called once per committed batch with (batch, ack, commit seconds); the
-#: telemetry stage hooks in here. Never per event.
-BatchObserver = Callable[[events_pb2.EventBatch, events_pb2.IngestAck, float], None]
+#: Called once per committed batch with (batch, ack, commit seconds, the
+#: writer's result with the batch's sequence range); the telemetry stage hooks
+#: in here. Never per event.
+BatchObserver = Callable[[events_pb2.EventBatch, events_pb2.IngestAck, float, IngestResult], None]
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -76,7 +77,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 elapsed = loop.time() - started
                 for observer in self._observers:
                     try:
-                        observer(batch, ack, elapsed)
+                        observer(batch, ack, elapsed, result)
                     except Exception:
                         log.exception("ingest observer failed")
             return ack

@@ -18,6 +18,7 @@ from sidecar.learning._compose import (
     SelectiveReplayComposer,
     replay_count,
 )
+from sidecar.learning._curation import HoldoutAtCuration, curation_options, sample_task
 from sidecar.learning._holdout import HeldOutSample, HoldoutSet, RegressionPrompt, RegressionSuite
 from sidecar.learning._memory import (
     ConsolidationResult,
@@ -53,6 +54,7 @@ __all__ = [
     "FeedbackDecision",
     "HashedNgramVectorizer",
     "HeldOutSample",
+    "HoldoutAtCuration",
     "HoldoutSet",
     "LearningScheduler",
     "MemoryConsolidation",
@@ -67,9 +69,11 @@ __all__ = [
     "ValueFeatures",
     "ValuedSample",
     "check_logprobs",
+    "curation_options",
     "fifo_memory",
     "k_center_select",
     "learning_quality_report",
     "replay_count",
+    "sample_task",
     "uncertainty",
 ]

@@ -4,7 +4,8 @@
 ``await step.compose(batch, ctx)`` takes the batch of new scored samples and
 pairs and returns it with
 
-- held-out samples removed, and pairs that touch a held-out request removed;
+- held-out samples removed, and every row (sample or pair) whose request or
+  prompt is held out removed;
 - the qualifying (SFT) samples cut to those at or above the value threshold,
   highest value first;
 - replay samples from memory added at exactly the replay ratio, marked
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 import lmdb
 
 from sidecar.learning._compose import ComposedBatch, SelectiveReplayComposer
+from sidecar.learning._curation import sample_task
 from sidecar.learning._selective import CandidateSample
 
 __all__ = ["SelectiveReplayStep"]
@@ -54,40 +56,50 @@ class _Sample(Protocol):
     def source(self) -> str: ...
 
 
-def _candidate(s: _Sample, task_attribute: str) -> CandidateSample:
+def _candidate(s: _Sample, task_attribute: str, default_task: str) -> CandidateSample:
     lp = s.logprob_mean
     # the mean log-prob is all uncertainty ("nll") needs
     logprobs = (lp,) if lp is not None and math.isfinite(lp) and lp <= 0 else ()
-    attrs = {task_attribute: s.task_id} if s.task_id else {}
+    # the Inference's kept attributes (expertise, priority, expected score)
+    attrs = dict(getattr(s, "attributes", ()))
+    attrs[task_attribute] = sample_task(s, task_attribute, default_task)
     return CandidateSample(s.request_id, s.prompt, s.completion, float(s.reward), logprobs, attrs)
 
 
 class SelectiveReplayStep:
     """``BatchComposer``: holdout out, valuable samples in, memory replayed."""
 
-    def __init__(self, composer: SelectiveReplayComposer, task_attribute: str = "task_id") -> None:
+    def __init__(
+        self,
+        composer: SelectiveReplayComposer,
+        task_attribute: str = "task_id",
+        default_task: str = "default",
+    ) -> None:
         self._composer = composer
         self._task_attribute = task_attribute
+        self._default_task = default_task
 
     async def compose(self, batch: Any, ctx: Any) -> Any:
         new = [s for s in batch.samples if s.source == "new" and s.qualifies]
         others = [s for s in batch.samples if not (s.source == "new" and s.qualifies)]
-        cands = [_candidate(s, self._task_attribute) for s in new]
-        pair_ids = sorted({rid for p in batch.pairs for rid in p.request_ids if rid})
-        other_ids = [s.request_id for s in others]
+        cands = [_candidate(s, self._task_attribute, self._default_task) for s in new]
         update_id = str(ctx.update_id)
+        holdout = self._composer.holdout
 
-        def work(txn: lmdb.Transaction) -> tuple[ComposedBatch, frozenset[str]]:
+        def work(txn: lmdb.Transaction) -> tuple[ComposedBatch, list[bool], list[bool]]:
             composed = self._composer.compose(txn, cands, update_id=update_id)
-            held = self._composer.held_out(txn, pair_ids + other_ids)
-            return composed, held
+            drop_others = [holdout.excludes(txn, (s.request_id,), s.prompt) for s in others]
+            drop_pairs = [holdout.excludes(txn, p.request_ids, p.prompt) for p in batch.pairs]
+            return composed, drop_others, drop_pairs
 
-        composed, held = await ctx.writer.run(work)
+        composed, drop_others, drop_pairs = await ctx.writer.run(work)
         by_id = {s.request_id: s for s in new}
         chosen = [by_id[r.sample_id] for r in composed.new]
         replay: list[Any] = []
         if composed.replay and new:
             template = new[0]
+            # replay rows carry none of the template's own attributes
+            blank: dict[str, Any] = {"attributes": ()} if hasattr(template, "attributes") else {}
             replay = [
                 dataclasses.replace(
                     template,
@@ -109,12 +121,17 @@ class SelectiveReplayStep:
                     n_tokens=0,
                     source="replay",
                     quarantined=False,
+                    **blank,
                 )
                 for r in composed.replay
             ]
-        kept_others = [s for s in others if s.request_id not in held]
-        pairs = [p for p in batch.pairs if not (set(p.request_ids) & held)]
+        kept_others = [s for s, drop in zip(others, drop_others, strict=True) if not drop]
+        pairs = [p for p, drop in zip(batch.pairs, drop_pairs, strict=True) if not drop]
         extra = getattr(ctx, "extra", None)
         if isinstance(extra, dict):
-            extra["composition"] = composed.stats
+            extra["composition"] = {
+                **composed.stats,
+                "held_out_rows_dropped": sum(drop_others),
+                "held_out_pairs_dropped": sum(drop_pairs),
+            }
         return batch.with_rows(samples=[*chosen, *replay, *kept_others], pairs=pairs)

@@ -11,6 +11,13 @@ or rhythm of the traffic. Layout of the ``holdout`` database
 - ``d`` + sample id: the decision (``1`` held out, ``0`` trainable)
 - ``h`` + th + sample id: a held-out sample (JSON)
 - ``c`` + th: the task's counts (good samples offered, held out)
+- ``p`` + 16-byte prompt digest: the decision for the prompt (``1``/``0``)
+
+The decision is per prompt as well as per sample: the first good sample of
+a prompt decides, later good samples of the same prompt follow it, so a
+held-out prompt never reaches training through another answer to it.
+:meth:`HoldoutSet.excludes` is the check every dataset snapshot and every
+export applies to its rows (samples and preference pairs alike).
 
 Together with the episodic memory, the holdout is the regression suite:
 :meth:`RegressionSuite.regression_prompts` gives validation prompts with
@@ -59,6 +66,10 @@ class RegressionPrompt:
     sample_id: str
 
 
+def _prompt_key(prompt: str) -> bytes:
+    return b"p" + hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).digest()
+
+
 def _unit_hash(sample_id: str) -> float:
     digest = hashlib.blake2b(sample_id.encode("utf-8"), digest_size=8, person=b"holdout").digest()
     return int.from_bytes(digest, "big") / float(1 << 64)
@@ -101,10 +112,16 @@ class HoldoutSet:
         offered = int(doc.get("offered", 0)) + 1
         held_n = int(doc.get("held", 0))
         held = False
+        pkey = _prompt_key(prompt)
+        by_prompt = txn.get(pkey, db=db)
         cap = self._c.max_per_task
-        if self._c.fraction > 0 and (cap == 0 or held_n < cap):
+        if by_prompt is not None:
+            held = bytes(by_prompt) == b"1"
+        elif self._c.fraction > 0 and (cap == 0 or held_n < cap):
             deficit = self._c.fraction * offered - held_n
             held = deficit >= 1.0 or (deficit > 0 and _unit_hash(sample_id) < deficit)
+        if by_prompt is None:
+            txn.put(pkey, b"1" if held else b"0", db=db)
         if held:
             held_n += 1
             now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
@@ -117,6 +134,17 @@ class HoldoutSet:
 
     def is_held_out(self, txn: lmdb.Transaction, sample_id: str) -> bool:
         return txn.get(b"d" + id_key(sample_id), db=self._db()) == b"1"
+
+    def prompt_held_out(self, txn: lmdb.Transaction, prompt: str) -> bool:
+        return txn.get(_prompt_key(prompt), db=self._db()) == b"1"
+
+    def excludes(self, txn: lmdb.Transaction, request_ids: Sequence[str], prompt: str) -> bool:
+        """True when a row (sample or pair) must stay out of training data and exports:
+        one of its requests is held out, or its prompt is."""
+        db = self._db()
+        if txn.get(_prompt_key(prompt), db=db) == b"1":
+            return True
+        return any(rid and txn.get(b"d" + id_key(rid), db=db) == b"1" for rid in request_ids)
 
     def decided(self, txn: lmdb.Transaction, sample_id: str) -> bool:
         return txn.get(b"d" + id_key(sample_id), db=self._db()) is not None

@@ -8,6 +8,7 @@ from sidecar.scoring._processor import (
 )
 from sidecar.scoring._rows import (
     EXPORT_KINDS,
+    RowExclusion,
     dpo_row,
     encode_row,
     iter_export_rows,
@@ -46,6 +47,7 @@ __all__ = [
     "FeedbackProcessor",
     "Pair",
     "PairListener",
+    "RowExclusion",
     "Sample",
     "SampleListener",
     "Score",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lmdb
@@ -147,6 +147,8 @@ class FeedbackProcessor:
         baseline_samples: int = 100,
         recent_samples: int = 100,
         on_primary_version: Callable[[lmdb.Transaction, str], None] | None = None,
+        task_attribute: str = "task_id",
+        sample_attributes: Sequence[str] = (),
     ) -> None:
         self._store = store
         self.config = config
@@ -155,6 +157,10 @@ class FeedbackProcessor:
         self._baseline_n = baseline_samples
         self._alpha = 2.0 / (recent_samples + 1)
         self._on_version = on_primary_version
+        # The attribute naming a sample's task, and the Inference attributes
+        # a sample keeps for the stages that value it (selective learning).
+        self._task_attr = task_attribute
+        self._keep_attrs = tuple(sorted({*sample_attributes, task_attribute}))
         self.weight_version: int | None = None
         self._batch: _Batch | None = None
         # database handles, looked up when a batch begins (the store opens later)
@@ -283,6 +289,7 @@ class FeedbackProcessor:
         error = inf.error
         self._perf_request(b, version, error)
         lp = list(inf.token_logprobs)
+        attrs = inf.attributes
         deadline = ingest_ms + self._window_ms
         rec: _Doc = {
             "s": seq,
@@ -295,7 +302,8 @@ class FeedbackProcessor:
             "u": inf.user_id,
             "ss": inf.session_id,
             "ro": inf.retry_of,
-            "tk": inf.attributes.get("task_id", ""),
+            "tk": attrs.get(self._task_attr, ""),
+            "at": [[k, attrs[k]] for k in self._keep_attrs if k in attrs],
             "lp": [sum(lp) / len(lp), min(lp), len(lp)] if lp else None,
             "sg": prev["sg"] if prev else [],
             "rt": prev["rt"] if prev else None,
@@ -448,6 +456,7 @@ class FeedbackProcessor:
             "weight_version": self.weight_version or 0,
             "source": "new",
             "quarantined": False,
+            "attributes": [[str(k), str(v)] for k, v in rec.get("at", ())],
         }
         if qualifies:
             counters.sft += 1
@@ -607,7 +616,14 @@ def _pair(kind: str, chosen: _Doc, rejected: _Doc) -> _Doc:
 
 
 def _sample(doc: _Doc) -> Sample:
-    return Sample(**{**doc, "sources": tuple(doc["sources"]), "signals": tuple(doc["signals"])})
+    return Sample(
+        **{
+            **doc,
+            "sources": tuple(doc["sources"]),
+            "signals": tuple(doc["signals"]),
+            "attributes": tuple((k, v) for k, v in doc["attributes"]),
+        }
+    )
 
 
 def _completion_hash(text: str) -> bytes:

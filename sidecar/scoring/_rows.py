@@ -19,7 +19,7 @@ with :func:`encode_row`, so the same views give the same bytes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lmdb
@@ -29,6 +29,7 @@ from sidecar.store import Store
 
 __all__ = [
     "EXPORT_KINDS",
+    "RowExclusion",
     "dpo_row",
     "encode_row",
     "iter_export_rows",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 EXPORT_KINDS = ("sft", "dpo", "kto")
+
+#: ``exclude(txn, request_ids, prompt)``: True keeps a row out of an export
+#: (the holdout's ``HoldoutSet.excludes``).
+RowExclusion = Callable[[lmdb.Transaction, Sequence[str], str], bool]
 
 
 def encode_row(row: dict[str, Any]) -> str:
@@ -97,17 +102,21 @@ def iter_export_rows(
     since_ms: int = 0,
     after_no: int = 0,
     include_quarantined: bool = False,
+    exclude: RowExclusion | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(sample or pair number, row) for the current views, in stored order.
 
     Rows of quarantined sources are skipped, or listed with
-    ``"quarantined": true`` when ``include_quarantined``.
+    ``"quarantined": true`` when ``include_quarantined``. Rows that
+    ``exclude`` rejects (held-out requests and prompts) are never listed.
     """
     if kind not in EXPORT_KINDS:
         raise ValueError(f"kind: expected one of {', '.join(EXPORT_KINDS)}, got {kind!r}")
     if kind == "dpo":
         for p in iter_pairs(txn, store, after_no=after_no):
             if p.closed_ms < since_ms:
+                continue
+            if exclude is not None and exclude(txn, p.request_ids, p.prompt):
                 continue
             row = dpo_row(p)
             if _sample_quarantined(p, quarantine):
@@ -126,6 +135,8 @@ def iter_export_rows(
         else:
             srow = kto_row(s)
         if srow is None:
+            continue
+        if exclude is not None and exclude(txn, (s.request_id,), s.prompt):
             continue
         if _sample_quarantined(s, quarantine):
             if not include_quarantined:

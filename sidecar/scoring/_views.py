@@ -86,6 +86,10 @@ class Sample:
     weight_version: int = 0
     source: str = "new"
     quarantined: bool = False
+    #: The Inference's attributes that selective learning reads (task,
+    #: user expertise, priority, expected score; see
+    #: ``FeedbackProcessor(sample_attributes=...)``), as sorted pairs.
+    attributes: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> bytes:
         # orjson serializes dataclasses natively; source and quarantined are
@@ -97,7 +101,15 @@ class Sample:
         doc = orjson.loads(raw)
         doc["sources"] = tuple(doc.get("sources", ()))
         doc["signals"] = tuple(doc.get("signals", ()))
+        doc["attributes"] = tuple((str(k), str(v)) for k, v in doc.get("attributes", ()))
         return cls(**doc)
+
+    def attribute(self, name: str) -> str:
+        """One of the kept Inference attributes, ``""`` when absent."""
+        for key, value in self.attributes:
+            if key == name:
+                return value
+        return ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +39,7 @@ from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
 from sidecar.store._retention import CURSOR_PREFIX
 from sidecar.store._writer import StoreWriter
+from sidecar.telemetry import instruments as ins
 
 __all__ = [
     "BatchingLogProcessor",
@@ -47,6 +48,9 @@ __all__ = [
     "ProcessorStats",
     "read_cursor",
 ]
+
+#: (seq, ingest_ms, serialized Event) of one log entry
+_Row = tuple[int, int, bytes]
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +115,25 @@ class ProcessorRunner:
         *,
         batch_events: int = 2000,
         tick_seconds: float = 1.0,
+        job_budget_seconds: float = 0.02,
+        min_interval_seconds: float = 0.05,
+        max_duty: float = 0.5,
     ) -> None:
         self._store = store
         self._writer = writer
         self._processors = list(processors)
         self._batch = batch_events
         self._tick = tick_seconds
+        # One writer job holds the writer (and every ingest ack behind it) for
+        # at most this long; a backlog is worked off in several such jobs.
+        self._budget = job_budget_seconds
+        # After catching up, wait at least this long before the next round so
+        # that many small commits are processed in one job, not one job each.
+        self._min_interval = min_interval_seconds
+        # While behind, processors use at most this share of the writer's time,
+        # so a burst of ingest is acked first and learning catches up after.
+        self._max_duty = max_duty
+        self._last_round_seconds = 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,6 +202,15 @@ class ProcessorRunner:
                     async with asyncio.timeout(self._tick):
                         await self._wakeup.wait()
                 self._wakeup.clear()
+                await asyncio.sleep(self._min_interval)
+            else:
+                # behind: leave the writer to ingest for a while (duty cycle)
+                busy = (
+                    self.stats[self._processors[0].name].last_batch_seconds
+                    if self._processors
+                    else 0
+                )
+                await asyncio.sleep(busy * (1.0 / self._max_duty - 1.0))
 
     async def tick_all(self, now_ms: int | None = None) -> None:
         """Runs every processor's ``tick`` (each in its own nested transaction)."""
@@ -196,78 +222,116 @@ class ProcessorRunner:
                 log.exception("processor tick failed", extra={"processor": proc.name})
 
     async def run_once(self) -> bool:
-        """Processes one batch per processor. Returns True when more is waiting."""
-        more = False
+        """Runs one time-boxed round of every processor in a single writer job.
+
+        Returns True when events are still waiting (the round ran out of its
+        batch size or its time budget).
+        """
         last = self._writer.next_seq - 1
-        # Processors usually sit at the same cursor: the log rows they read
-        # are decoded and parsed once and shared for this round.
-        shared: dict[int, list[tuple[int, int, events_pb2.Event]]] = {}
-        for proc in self._processors:
-            with self._store.read() as txn:
-                start = read_cursor(txn, self._store, proc.name)
-            st = self.stats[proc.name]
-            st.lag = max(0, last - start + 1)
-            if start > last:
-                continue
-            started = time.perf_counter()
-            n = await self._writer.run(
-                functools.partial(self._apply, proc=proc, start=start, shared=shared)
+        with self._store.read() as txn:
+            first = min(
+                (read_cursor(txn, self._store, p.name) for p in self._processors), default=last + 1
             )
-            st.last_batch_seconds = time.perf_counter() - started
-            st.batches += 1
-            if n >= self._batch:
-                more = True
+        if first > last:
+            for st in self.stats.values():
+                st.lag = 0
+            return False
+        started = time.perf_counter()
+        job: Callable[[lmdb.Transaction], tuple[bool, dict[str, tuple[int, int]]]] = self._apply_all
+        more, done = await self._writer.run(ins.carry(job))
+        elapsed = time.perf_counter() - started
+        self._last_round_seconds = elapsed
+        for name, (_start, n) in done.items():
+            self.stats[name].last_batch_seconds = elapsed
+            ins.processor_batch(name, n, elapsed)
         return more
 
-    def _read(self, txn: lmdb.Transaction, start: int) -> list[tuple[int, int, events_pb2.Event]]:
-        rows: list[tuple[int, int, events_pb2.Event]] = []
-        with txn.cursor(db=self._store.db("events")) as cur:
-            if cur.set_range(encode_u64(start)):
-                for key, value in cur:
-                    ingest_ms, payload = decode_log_value(value)
-                    rows.append((decode_u64(key), ingest_ms, _parse(payload)))
-                    if len(rows) >= self._batch:
-                        break
-        return rows
+    def _apply_all(self, txn: lmdb.Transaction) -> tuple[bool, dict[str, tuple[int, int]]]:
+        """On the writer thread: each processor takes its share of the budget.
+
+        Returns (more waiting, processor name -> (first seq, events processed)).
+        """
+        last = self._writer.next_seq - 1
+        deadline = time.perf_counter() + self._budget
+        more = False
+        waiting = [p for p in self._processors if read_cursor(txn, self._store, p.name) <= last]
+        report: dict[str, tuple[int, int]] = {}
+        for st in self.stats.values():
+            st.lag = 0
+        # Processors usually sit at the same cursor: the events they read are
+        # parsed once and shared for this round (seq -> Event).
+        parsed: dict[int, events_pb2.Event] = {}
+        for i, proc in enumerate(waiting):
+            # split what is left of the budget among the processors still to run
+            share = (deadline - time.perf_counter()) / (len(waiting) - i)
+            start = read_cursor(txn, self._store, proc.name)
+            # One span per processor and round, continuing the trace of the
+            # ingest batch that wrote its first event; spans the processor
+            # opens (a trigger) are its children.
+            with ins.log_batch_span("process.batch", start, start, processor=proc.name) as span:
+                done, exhausted = self._apply(
+                    txn, proc, start, time.perf_counter() + max(share, 0.001), parsed
+                )
+                span.set_attribute("events", done)
+                ins.link_ingests(span, start, start + done - 1)
+            st = self.stats[proc.name]
+            st.batches += 1
+            st.lag = max(0, last - (start + done) + 1)
+            more = more or exhausted
+            report[proc.name] = (start, done)
+        return more, report
 
     def _apply(
         self,
         txn: lmdb.Transaction,
         proc: LogProcessor,
         start: int,
-        shared: dict[int, list[tuple[int, int, events_pb2.Event]]] | None = None,
-    ) -> int:
-        """Runs on the writer thread: process up to a batch, advance the cursor."""
-        # The log is append-only and dense, so rows read earlier in this round
-        # from the same start are still a valid batch (possibly a shorter one).
-        rows = shared.get(start) if shared is not None else None
-        if rows is None:
-            rows = self._read(txn, start)
-            if shared is not None:
-                shared[start] = rows
-        if not rows:
-            return 0
+        deadline: float,
+        parsed: dict[int, events_pb2.Event] | None = None,
+    ) -> tuple[int, bool]:
+        """Processes events from ``start`` until the batch size or ``deadline``, then
+        advances the cursor in the same transaction. Returns (processed, cut short)."""
         st = self.stats[proc.name]
-        end_batch = getattr(proc, "end_batch", None)
+        end_batch: Callable[[lmdb.Transaction], None] | None = getattr(proc, "end_batch", None)
         env = self._store.env
+        clock = time.perf_counter
+        limit = self._batch
+        # The log is read as it is processed, not a batch ahead: a round's
+        # time budget often ends the batch after a few dozen events.
+        rows: list[_Row] = []
+        more = False
         child = env.begin(write=True, parent=txn)
         try:
-            for seq, ingest_ms, event in rows:
-                proc.process(child, seq, ingest_ms, event)
+            with child.cursor(db=self._store.db("events")) as cur:
+                more = cur.set_range(encode_u64(start))
+                while more and len(rows) < limit:
+                    key, value = cur.item()
+                    seq = decode_u64(key)
+                    ingest_ms, payload = decode_log_value(value)
+                    rows.append((seq, ingest_ms, payload))
+                    proc.process(child, seq, ingest_ms, _event(parsed, seq, payload))
+                    more = cur.next()
+                    if len(rows) % 64 == 0 and clock() > deadline:
+                        break
+            if not rows:
+                child.abort()
+                return 0, False
             if end_batch is not None:
                 end_batch(child)
             child.commit()
-            st.processed += len(rows)
+            done = len(rows)
+            st.processed += done
         except lmdb.MapFullError:
             child.abort()
             raise
         except Exception:
             child.abort()
             # isolate the bad event(s): one nested transaction per event
-            for seq, ingest_ms, event in rows:
+            done = 0
+            for seq, ingest_ms, payload in rows:
                 one = env.begin(write=True, parent=txn)
                 try:
-                    proc.process(one, seq, ingest_ms, event)
+                    proc.process(one, seq, ingest_ms, _event(parsed, seq, payload))
                     if end_batch is not None:
                         end_batch(one)
                     one.commit()
@@ -279,12 +343,16 @@ class ProcessorRunner:
                     one.abort()
                     self._dead_letter(txn, proc.name, seq, exc)
                     st.dead_lettered += 1
+                done += 1
+                if done % 64 == 0 and clock() > deadline:
+                    break
+            # the events after the bad one are left to the next round
+            more = True
+        last_done = rows[done - 1][0]
         txn.put(
-            CURSOR_PREFIX + proc.name.encode(),
-            encode_u64(rows[-1][0] + 1),
-            db=self._store.db("meta"),
+            CURSOR_PREFIX + proc.name.encode(), encode_u64(last_done + 1), db=self._store.db("meta")
         )
-        return len(rows)
+        return done, more or done < len(rows)
 
     def _dead_letter(self, txn: lmdb.Transaction, name: str, seq: int, exc: Exception) -> None:
         key = name.encode() + b"/" + encode_u64(seq)
@@ -311,6 +379,18 @@ class ProcessorRunner:
 
 def _tick(proc: LogProcessor, txn: lmdb.Transaction, now_ms: int) -> None:
     proc.tick(txn, now_ms)
+
+
+def _event(
+    parsed: dict[int, events_pb2.Event] | None, seq: int, payload: bytes
+) -> events_pb2.Event:
+    """The parsed event, parsed once per round for all processors."""
+    if parsed is None:
+        return _parse(payload)
+    ev = parsed.get(seq)
+    if ev is None:
+        ev = parsed[seq] = _parse(payload)
+    return ev
 
 
 def _parse(payload: bytes) -> events_pb2.Event:

@@ -129,6 +129,11 @@ class StoreWriter:
         self._thread = None
 
     @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for the writer thread (a gauge for telemetry)."""
+        return self._queue.qsize()
+
+    @property
     def next_seq(self) -> int:
         """Sequence number the next stored event will get."""
         return self._next_seq

@@ -128,6 +128,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _export_offline(args: argparse.Namespace, since_ms: int) -> list[str]:
+    from sidecar.learning import HoldoutSet
     from sidecar.scoring import encode_row, iter_export_rows, quarantined_sources
     from sidecar.store import Store
 
@@ -152,6 +153,7 @@ def _export_offline(args: argparse.Namespace, since_ms: int) -> list[str]:
                 quarantine=quarantine,
                 since_ms=since_ms,
                 include_quarantined=args.include_quarantined,
+                exclude=HoldoutSet(store, config.holdout).excludes,
             ):
                 out.append(encode_row(row))
                 if args.limit and len(out) >= args.limit:
@@ -193,7 +195,12 @@ async def reprocess(config: Any, *, allow_partial: bool = False) -> dict[str, An
     """
     import lmdb
 
-    from sidecar.learning import LearningScheduler
+    from sidecar.learning import (
+        HoldoutAtCuration,
+        HoldoutSet,
+        LearningScheduler,
+        curation_options,
+    )
     from sidecar.scoring import FeedbackProcessor, read_counters
     from sidecar.store import ProcessorRunner, Store, StoreWriter, append_history
     from sidecar.training._registry import ModelRegistry
@@ -218,6 +225,12 @@ async def reprocess(config: Any, *, allow_partial: bool = False) -> dict[str, An
             baseline_samples=lcfg.baseline_samples,
             recent_samples=lcfg.recent_samples,
             on_primary_version=registry.observe_primary_version,
+            **curation_options(config),
+        )
+        # Holdout decisions are kept (decided once); samples first curated
+        # now get theirs, as in the daemon.
+        proc.sample_listeners.append(
+            HoldoutAtCuration.for_config(HoldoutSet(store, config.holdout), config)
         )
 
         def wipe(txn: lmdb.Transaction) -> None:

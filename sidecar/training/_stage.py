@@ -34,7 +34,7 @@ from atlas_sidecar_client.pb import admin_pb2
 
 from sidecar.config import SidecarConfig
 from sidecar.errors import SidecarError
-from sidecar.learning import Decision, LearningScheduler
+from sidecar.learning import Decision, HoldoutSet, LearningScheduler
 from sidecar.scoring import (
     EXPORT_KINDS,
     FeedbackProcessor,
@@ -123,6 +123,7 @@ class TrainingStage:
         scoring: FeedbackProcessor,
         hook: TrainerHook | None = None,
         composer: BatchComposer | None = None,
+        holdout: HoldoutSet | None = None,
     ) -> None:
         self._store = store
         self._writer = writer
@@ -132,6 +133,8 @@ class TrainingStage:
         self.scoring = scoring
         self.hook: TrainerHook | None = hook if hook is not None else make_hook(config.training)
         self.composer: BatchComposer = composer or ComposerChain([QualityFilter()])
+        # Held-out requests and prompts never leave in an export.
+        self.holdout = holdout if holdout is not None else HoldoutSet(store, config.holdout)
         self.datasets_dir = Path(config.store.data_dir) / "datasets"
         self.runs_dir = Path(config.store.data_dir) / "training"
         self._loop_task: asyncio.Task[None] | None = None
@@ -318,6 +321,8 @@ class TrainingStage:
                 "sample_range": list(decision.sample_range),
                 "pair_range": list(decision.pair_range),
                 "quarantined_excluded": quarantined,
+                # what the composer steps report (selection, replay, holdout)
+                **ctx.extra,
             },
         )
         await self._writer.run(
@@ -459,6 +464,7 @@ class TrainingStage:
                     since_ms=since_ms,
                     after_no=after,
                     include_quarantined=include,
+                    exclude=self.holdout.excludes,
                 ):
                     chunk.append(row)
                     after = no

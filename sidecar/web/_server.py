@@ -1,26 +1,63 @@
-"""The HTTP side: /healthz and /api/status (metrics and the dashboard mount here too)."""
+"""The HTTP side: /healthz, /api/status, /metrics, /api/report, /api/rollout, /dashboard."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from sidecar.errors import PortInUseError
 
-__all__ = ["WebServer"]
+__all__ = ["STATIC_DIR", "WebServer"]
+
+#: The dashboard's assets, shipped in the package (no CDN).
+STATIC_DIR = Path(__file__).parent / "static"
+
+_PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str, allow_nan=False)
 
 
 class WebServer:
-    """A small aiohttp server. Other stages add routes before :meth:`start`."""
+    """A small aiohttp server. Other stages add routes before :meth:`start`.
 
-    def __init__(self, listen: str, status: Callable[[], dict[str, Any]]) -> None:
+    ``metrics`` renders the Prometheus text exposition (``/metrics`` answers
+    404 without it); ``report`` and ``rollout`` render ``/api/report`` and
+    ``/api/rollout`` (503 naming what is missing without them).
+    """
+
+    def __init__(
+        self,
+        listen: str,
+        status: Callable[[], dict[str, Any]],
+        *,
+        metrics: Callable[[], bytes] | None = None,
+        report: Callable[[], dict[str, Any]] | None = None,
+        rollout: Callable[[], dict[str, Any]] | None = None,
+        refresh_seconds: float = 5.0,
+    ) -> None:
         self._listen = listen
         self._status = status
+        self._metrics = metrics
+        self._report = report
+        self._rollout = rollout
+        self._refresh = refresh_seconds
         self.app = web.Application()
-        self.app.router.add_get("/healthz", self._healthz)
-        self.app.router.add_get("/api/status", self._api_status)
+        r = self.app.router
+        r.add_get("/healthz", self._healthz)
+        r.add_get("/api/status", self._api_status)
+        r.add_get("/metrics", self._metrics_handler)
+        r.add_get("/api/report", self._api_report)
+        r.add_get("/api/rollout", self._api_rollout)
+        r.add_get("/api/dashboard-config", self._api_dashboard_config)
+        r.add_get("/dashboard", self._dashboard)
+        r.add_get("/", self._root)
+        r.add_static("/static/", STATIC_DIR, follow_symlinks=False)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -29,6 +66,31 @@ class WebServer:
 
     async def _api_status(self, request: web.Request) -> web.Response:
         return web.json_response(self._status())
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        if self._metrics is None:
+            raise web.HTTPNotFound(text="metrics are off (telemetry.enabled: false)\n")
+        body = self._metrics()
+        return web.Response(body=body, headers={"Content-Type": _PROMETHEUS_TEXT})
+
+    async def _api_report(self, request: web.Request) -> web.Response:
+        if self._report is None:
+            raise web.HTTPServiceUnavailable(text="the learning monitor is not running\n")
+        return web.json_response(self._report(), dumps=_dumps)
+
+    async def _api_rollout(self, request: web.Request) -> web.Response:
+        if self._rollout is None:
+            raise web.HTTPServiceUnavailable(text="the learning monitor is not running\n")
+        return web.json_response(self._rollout(), dumps=_dumps)
+
+    async def _api_dashboard_config(self, request: web.Request) -> web.Response:
+        return web.json_response({"refresh_seconds": self._refresh})
+
+    async def _dashboard(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC_DIR / "dashboard.html")
+
+    async def _root(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/dashboard")
 
     async def start(self) -> None:
         if self._runner is not None:

@@ -291,7 +291,14 @@ async def test_control_loop_answers_a_repeated_directive_without_applying_again(
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     pod = Server({"v1"})
-    loop = ControlLoop(f"127.0.0.1:{port}", "pod-a", on_load=pod.load, loaded_versions={"v1"})
+    ran: list[tuple[str, str | None, bool]] = []
+    loop = ControlLoop(
+        f"127.0.0.1:{port}",
+        "pod-a",
+        on_load=pod.load,
+        loaded_versions={"v1"},
+        on_applied=lambda d, a: ran.append((d.directive_id, d.WhichOneof("action"), a.ok)),
+    )
     try:
         await loop.start()
         async with asyncio.timeout(WAIT):
@@ -299,6 +306,8 @@ async def test_control_loop_answers_a_repeated_directive_without_applying_again(
         assert pod.calls == [("load", "v9")]
         assert [(a.directive_id, a.ok) for a in answers] == [("d-1", True), ("d-1", True)]
         assert loop.stats.duplicates == 1
+        # The observer hears of the directive once: the repeat was answered from memory.
+        assert ran == [("d-1", "load_model", True)]
     finally:
         await loop.stop()
         await server.stop(0)

@@ -313,3 +313,44 @@ async def test_duplicates_mixed_into_a_batch_keep_the_log_dense(tmp_path: Path) 
     finally:
         await writer.shutdown()
         store.close()
+
+
+class _Slow(_Recorder):
+    name = "slow"
+
+    def process(
+        self, txn: lmdb.Transaction, seq: int, ingest_ms: int, event: events_pb2.Event
+    ) -> None:
+        import time as _time
+
+        _time.sleep(0.0005)
+        super().process(txn, seq, ingest_ms, event)
+
+
+async def test_processor_rounds_are_time_boxed_and_resume_exactly(tmp_path: Path) -> None:
+    store = Store(cfg(tmp_path))
+    store.open()
+    writer = StoreWriter(store, cfg(tmp_path))
+    await writer.start()
+    proc = _Slow(store)
+    # not started: rounds are driven by hand
+    runner = ProcessorRunner(store, writer, [proc], batch_events=5000, job_budget_seconds=0.01)
+    try:
+        writer.submit_events(items("t", 600)).result(5)
+        more = await runner.run_once()
+        with store.read() as txn:
+            first = read_cursor(txn, store, "slow") - 1
+            stored = txn.stat(store.db("requests"))["entries"]
+        assert more is True
+        assert 0 < first < 600  # cut short by the budget, not by the batch size
+        assert stored == first  # the cursor says exactly what the view holds
+        rounds = 1
+        while await runner.run_once():
+            rounds += 1
+        with store.read() as txn:
+            assert read_cursor(txn, store, "slow") == 601
+            assert txn.stat(store.db("requests"))["entries"] == 600
+        assert rounds >= 2
+    finally:
+        await writer.shutdown()
+        store.close()

@@ -80,8 +80,25 @@ def test_holdout_is_stratified_by_task_and_decided_once(store: Store) -> None:
 def test_holdout_cap_per_task(store: Store) -> None:
     h = HoldoutSet(store, HoldoutConfig(fraction=0.5, max_per_task=7))
     with store.write_txn() as txn:
-        held = sum(h.assign(txn, f"id{i}", "t", "p", "c", 1.0) for i in range(100))
+        held = sum(h.assign(txn, f"id{i}", "t", f"p{i}", "c", 1.0) for i in range(100))
     assert held == 7
+
+
+def test_holdout_decides_per_prompt(store: Store) -> None:
+    """Later answers to a held-out prompt are held out too, and rows touching it excluded."""
+    h = HoldoutSet(store, HoldoutConfig(fraction=0.3, max_per_task=0))
+    with store.write_txn() as txn:
+        first = {i: h.assign(txn, f"a{i}", "t", f"prompt {i}", "c", 1.0) for i in range(200)}
+        again = {i: h.assign(txn, f"b{i}", "t", f"prompt {i}", "other", 0.9) for i in range(200)}
+        assert first == again
+        held = [i for i, x in first.items() if x]
+        kept = [i for i, x in first.items() if not x]
+        assert held and kept
+        # a row is excluded by its prompt, or by any held-out request it touches
+        assert h.excludes(txn, ("never-curated",), f"prompt {held[0]}")
+        assert h.excludes(txn, (f"a{kept[0]}", f"a{held[0]}"), "a pair prompt")
+        assert not h.excludes(txn, (f"a{kept[0]}", ""), f"prompt {kept[0]}")
+        assert h.prompt_held_out(txn, f"prompt {held[0]}")
 
 
 def _composer(store: Store, *, ratio: float = 0.5, capacity: int = 150) -> SelectiveReplayComposer:

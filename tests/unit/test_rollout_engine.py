@@ -383,6 +383,26 @@ async def test_rollout_shadow_compares_answers_then_gates(
     assert rec.transitions[-1].evidence["compared"] == 30
 
 
+async def test_rollout_shadow_pairs_by_mirror_of_when_the_shadow_has_its_own_id(
+    h: Harness,
+) -> None:
+    cfg = _config(shadow={"enabled": True, "min_samples": 20, "min_dwell_seconds": 30})
+    engine = await h.engine(cfg, StoredObservations(h.store))
+    await engine.start_rollout("v2")
+    events = []
+    for i in range(25):
+        shadow = _inference(f"m{i}", "v2", events_pb2.SHADOW, f"the answer is {i}")
+        shadow.inference.attributes["mirror_of"] = f"r{i}"
+        # The mirrored answer may be recorded before the live one.
+        events += [shadow, _inference(f"r{i}", "v1", events_pb2.PRIMARY, f"the answer is {i}")]
+    await _feed(h, engine, events)
+    h.clock.ms += 60_000
+    await engine.step()
+    rec = engine.list_rollouts()[0]
+    assert rec.state == "CANARY", rec.transitions[-1].reason
+    assert rec.transitions[-1].evidence["compared"] == 25
+
+
 async def test_rollout_blue_green_switches_after_probe_and_keeps_old_loaded(h: Harness) -> None:
     cfg = _config(strategy="blue_green", blue_green={"retention_seconds": 120})
     engine = await h.engine(cfg, StoredObservations(h.store), regression=Prompts(2))

@@ -148,7 +148,8 @@ const (
 	ExportKind_EXPORT_KIND_UNSPECIFIED ExportKind = 0
 	// {"prompt", "completion", "reward", "source"}
 	ExportKind_EXPORT_KIND_SFT ExportKind = 1
-	// {"prompt", "chosen", "rejected", "margin", "source"}
+	// {"prompt", "chosen", "rejected", "margin", "reward", "source"}; reward is
+	// the chosen completion's reward (1.0 for a user's correction).
 	ExportKind_EXPORT_KIND_DPO ExportKind = 2
 	// {"prompt", "completion", "label", "reward", "source"}
 	ExportKind_EXPORT_KIND_KTO ExportKind = 3
@@ -1339,9 +1340,12 @@ type ExportSamplesRequest struct {
 	// Only samples curated at or after this time.
 	Since *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=since,proto3" json:"since,omitempty"`
 	// 0: no limit.
-	Limit         uint32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Limit uint32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	// List rows of quarantined feedback sources too, marked
+	// "quarantined": true (they are never trained on).
+	IncludeQuarantined bool `protobuf:"varint,4,opt,name=include_quarantined,json=includeQuarantined,proto3" json:"include_quarantined,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *ExportSamplesRequest) Reset() {
@@ -1393,6 +1397,13 @@ func (x *ExportSamplesRequest) GetLimit() uint32 {
 		return x.Limit
 	}
 	return 0
+}
+
+func (x *ExportSamplesRequest) GetIncludeQuarantined() bool {
+	if x != nil {
+		return x.IncludeQuarantined
+	}
+	return false
 }
 
 // One dataset row as a JSON object, in the shape of its kind.
@@ -1678,11 +1689,12 @@ const file_atlas_sidecar_v1_admin_proto_rawDesc = "" +
 	"\x17TriggerLearningResponse\x12\x14\n" +
 	"\x05fired\x18\x01 \x01(\bR\x05fired\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1b\n" +
-	"\tupdate_id\x18\x03 \x01(\tR\bupdateId\"\x90\x01\n" +
+	"\tupdate_id\x18\x03 \x01(\tR\bupdateId\"\xc1\x01\n" +
 	"\x14ExportSamplesRequest\x120\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x1c.atlas.sidecar.v1.ExportKindR\x04kind\x120\n" +
 	"\x05since\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x12\x14\n" +
-	"\x05limit\x18\x03 \x01(\rR\x05limit\"!\n" +
+	"\x05limit\x18\x03 \x01(\rR\x05limit\x12/\n" +
+	"\x13include_quarantined\x18\x04 \x01(\bR\x12includeQuarantined\"!\n" +
 	"\vExportedRow\x12\x12\n" +
 	"\x04json\x18\x01 \x01(\tR\x04json\"\x12\n" +
 	"\x10GetReportRequest\"\x94\x02\n" +

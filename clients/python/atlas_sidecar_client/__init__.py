@@ -11,6 +11,7 @@
 
 from atlas_sidecar_client import pb
 from atlas_sidecar_client._control import (
+    AppliedObserver,
     ControlLoop,
     ControlLoopStats,
     LoadHandler,
@@ -29,6 +30,7 @@ from atlas_sidecar_client._router import (
 )
 
 __all__ = [
+    "AppliedObserver",
     "ControlLoop",
     "ControlLoopStats",
     "DropPolicy",

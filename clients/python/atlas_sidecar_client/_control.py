@@ -37,6 +37,7 @@ from atlas_sidecar_client._proto.atlas.sidecar.v1 import (
 from atlas_sidecar_client._router import Router, TrafficSplit
 
 __all__ = [
+    "AppliedObserver",
     "ControlLoop",
     "ControlLoopStats",
     "LoadHandler",
@@ -54,6 +55,9 @@ LoadHandler = Callable[[str, str], Awaitable[None] | None]
 UnloadHandler = Callable[[str], Awaitable[None] | None]
 #: ``on_probe(version, prompt) -> response``; sync or async; raising records an error answer.
 ProbeHandler = Callable[[str, str], Awaitable[str] | str]
+#: ``on_applied(directive, applied)``: told of every directive the loop ran (not of
+#: one answered again from memory); sync, must not raise or block.
+AppliedObserver = Callable[[control_pb2.Directive, control_pb2.Applied], None]
 
 #: Capability names reported in Hello.
 CAP_LOAD = "load_model"
@@ -97,6 +101,9 @@ class ControlLoop:
     installed in ``router``. A handler that raises fails its directive; the
     sidecar retries it later. Without ``on_load`` the server is assumed to
     manage its own models (``load_model`` is not in the capabilities).
+    ``on_applied`` is told of each directive the loop ran and its answer
+    (for audit logs and metrics; a resent directive answered from memory is
+    counted in ``stats.duplicates`` instead).
 
     Use from asyncio::
 
@@ -118,6 +125,7 @@ class ControlLoop:
         on_unload: UnloadHandler | None = None,
         on_probe: ProbeHandler | None = None,
         events: EventStream | None = None,
+        on_applied: AppliedObserver | None = None,
         loaded_versions: Iterable[str] = (),
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
@@ -138,6 +146,7 @@ class ControlLoop:
         self._on_unload = on_unload
         self._on_probe = on_probe
         self._events = events
+        self._on_applied = on_applied
         self._loaded: set[str] = set(loaded_versions)
         self._backoff = (backoff_initial, backoff_max)
         self._probe_flush_timeout = probe_flush_timeout
@@ -304,7 +313,12 @@ class ControlLoop:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self.stats.last_error = f"cannot answer {applied.directive_id}: {exc}"
 
-    def _remember(self, applied: control_pb2.Applied) -> None:
+    def _remember(self, d: control_pb2.Directive, applied: control_pb2.Applied) -> None:
+        if self._on_applied is not None:
+            try:
+                self._on_applied(d, applied)
+            except Exception:  # an observer's bug must not fail the directive
+                log.exception("on_applied observer failed")
         if applied.ok:
             self._done[applied.directive_id] = applied
             while len(self._done) > _DONE_CACHE:
@@ -325,12 +339,12 @@ class ControlLoop:
         kind = d.WhichOneof("action")
         if kind == "run_probe":
             if d.directive_id not in self._probes:
-                task = asyncio.create_task(self._probe(d.directive_id, d.run_probe))
+                task = asyncio.create_task(self._probe(d))
                 self._probes[d.directive_id] = task
             return
         async with self._apply_lock:
             applied = await self._apply(d, kind)
-        self._remember(applied)
+        self._remember(d, applied)
         await self._answer(applied)
 
     async def _apply(self, d: control_pb2.Directive, kind: str | None) -> control_pb2.Applied:
@@ -383,8 +397,9 @@ class ControlLoop:
             if rev >= want and not fut.done():
                 fut.set_result(None)
 
-    async def _probe(self, directive_id: str, probe: control_pb2.RunProbe) -> None:
+    async def _probe(self, d: control_pb2.Directive) -> None:
         assert self._on_probe is not None and self._events is not None
+        directive_id, probe = d.directive_id, d.run_probe
         out = control_pb2.Applied(directive_id=directive_id, ok=True)
         try:
             for i, prompt in enumerate(probe.prompts):
@@ -420,5 +435,5 @@ class ControlLoop:
         finally:
             self._probes.pop(directive_id, None)
         out.split_revision = self.router.revision
-        self._remember(out)
+        self._remember(d, out)
         await self._answer(out)

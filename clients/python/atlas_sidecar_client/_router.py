@@ -117,7 +117,10 @@ class RouteDecision:
 
     ``mirror_version`` is empty when the request is not mirrored; otherwise
     the request should also be sent to that version, its answer recorded with
-    role SHADOW and never shown to the user. ``fallback`` is True when the
+    role SHADOW under the same ``request_id`` (that is how the sidecar pairs
+    it with the live answer; a server that must give it its own id puts the
+    live request's id in the attribute ``mirror_of``) and never shown to the
+    user. ``fallback`` is True when the
     lease ran out and the stable version was chosen for that reason.
     """
 

@@ -50,7 +50,8 @@ export interface Decision {
   version: string;
   /**
    * True when a copy of the request should also go to `mirrorVersion`; that
-   * answer is never shown (record it with role SHADOW).
+   * answer is never shown (record it with role SHADOW and the same request
+   * id, which is how the sidecar pairs the two).
    */
   mirror: boolean;
   mirrorVersion: string;

@@ -151,7 +151,10 @@ export enum ExportKind {
   EXPORT_KIND_UNSPECIFIED = 0,
   /** EXPORT_KIND_SFT - {"prompt", "completion", "reward", "source"} */
   EXPORT_KIND_SFT = 1,
-  /** EXPORT_KIND_DPO - {"prompt", "chosen", "rejected", "margin", "source"} */
+  /**
+   * EXPORT_KIND_DPO - {"prompt", "chosen", "rejected", "margin", "reward", "source"}; reward is
+   * the chosen completion's reward (1.0 for a user's correction).
+   */
   EXPORT_KIND_DPO = 2,
   /** EXPORT_KIND_KTO - {"prompt", "completion", "label", "reward", "source"} */
   EXPORT_KIND_KTO = 3,
@@ -359,6 +362,11 @@ export interface ExportSamplesRequest {
     | undefined;
   /** 0: no limit. */
   limit: number;
+  /**
+   * List rows of quarantined feedback sources too, marked
+   * "quarantined": true (they are never trained on).
+   */
+  includeQuarantined: boolean;
 }
 
 /** One dataset row as a JSON object, in the shape of its kind. */
@@ -2714,7 +2722,7 @@ export const TriggerLearningResponse: MessageFns<TriggerLearningResponse> = {
 };
 
 function createBaseExportSamplesRequest(): ExportSamplesRequest {
-  return { kind: 0, since: undefined, limit: 0 };
+  return { kind: 0, since: undefined, limit: 0, includeQuarantined: false };
 }
 
 export const ExportSamplesRequest: MessageFns<ExportSamplesRequest> = {
@@ -2727,6 +2735,9 @@ export const ExportSamplesRequest: MessageFns<ExportSamplesRequest> = {
     }
     if (message.limit !== 0) {
       writer.uint32(24).uint32(message.limit);
+    }
+    if (message.includeQuarantined !== false) {
+      writer.uint32(32).bool(message.includeQuarantined);
     }
     return writer;
   },
@@ -2768,6 +2779,14 @@ export const ExportSamplesRequest: MessageFns<ExportSamplesRequest> = {
             message.limit = reader.uint32();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.includeQuarantined = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2785,6 +2804,11 @@ export const ExportSamplesRequest: MessageFns<ExportSamplesRequest> = {
       kind: isSet(object.kind) ? exportKindFromJSON(object.kind) : 0,
       since: isSet(object.since) ? fromJsonTimestamp(object.since) : undefined,
       limit: isSet(object.limit) ? globalThis.Number(object.limit) : 0,
+      includeQuarantined: isSet(object.includeQuarantined)
+        ? globalThis.Boolean(object.includeQuarantined)
+        : isSet(object.include_quarantined)
+        ? globalThis.Boolean(object.include_quarantined)
+        : false,
     };
   },
 
@@ -2799,6 +2823,9 @@ export const ExportSamplesRequest: MessageFns<ExportSamplesRequest> = {
     if (message.limit !== 0) {
       obj.limit = Math.round(message.limit);
     }
+    if (message.includeQuarantined !== false) {
+      obj.includeQuarantined = message.includeQuarantined;
+    }
     return obj;
   },
 
@@ -2810,6 +2837,7 @@ export const ExportSamplesRequest: MessageFns<ExportSamplesRequest> = {
     message.kind = object.kind ?? 0;
     message.since = object.since ?? undefined;
     message.limit = object.limit ?? 0;
+    message.includeQuarantined = object.includeQuarantined ?? false;
     return message;
   },
 };
