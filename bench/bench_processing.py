@@ -2,8 +2,9 @@
 
 Fills a fresh store with PRIMARY answers and their feedback (ratings,
 signals, retries, edits, repeated prompts), spread over log time so reward
-windows close while the log is read, then runs the scoring processor through
-the real ProcessorRunner (batches in writer transactions, fsync off) and
+windows close while the log is read, then runs every processor the daemon
+registers (scoring, active-learning answers, rollout observer) through the
+daemon's own ProcessorRunner (batches in writer transactions, fsync off) and
 evaluates the learning scheduler after every batch. Prints events/s (wall
 clock, and per CPU-second of the process).
 """
@@ -19,10 +20,10 @@ from pathlib import Path
 
 from atlas_sidecar_client.pb import events_pb2
 
-from sidecar.config import LearningConfig, ScoringConfig, StoreConfig
-from sidecar.learning import LearningScheduler
-from sidecar.scoring import FeedbackProcessor, read_counters
-from sidecar.store import ProcessorRunner, Store, StoreWriter, encode_log_value, encode_u64
+from sidecar.app import SidecarApp
+from sidecar.config import LearningConfig, ScoringConfig, SidecarConfig, StoreConfig
+from sidecar.scoring import read_counters
+from sidecar.store import Store, encode_log_value, encode_u64
 
 REQUESTS = int(sys.argv[1]) if len(sys.argv) > 1 else 30_000
 S = events_pb2.Signal
@@ -68,16 +69,22 @@ def fill(store: Store) -> int:
 
 
 async def run(data_dir: Path) -> float:
-    cfg = StoreConfig(data_dir=data_dir, sync=False)
-    store = Store(cfg)
+    # The daemon's own wiring (nothing started but the writer), so the bench
+    # runs exactly the processors ``serve`` runs, in the same order.
+    app = SidecarApp(
+        SidecarConfig(
+            store=StoreConfig(data_dir=data_dir, sync=False),
+            scoring=ScoringConfig(reward_window_seconds=5),
+            learning=LearningConfig(sample_count=500, min_interval_seconds=0),
+        )
+    )
+    store, writer, runner, sched = app.store, app.writer, app.processors, app.scheduler
     store.open()
     total = fill(store)
-    writer = StoreWriter(store, cfg)
     await writer.start()
-    proc = FeedbackProcessor(store, ScoringConfig(reward_window_seconds=5))
-    sched = LearningScheduler(store, LearningConfig(sample_count=500, min_interval_seconds=0))
-    runner = ProcessorRunner(store, writer, [proc], batch_events=2000)
-    await writer.run(proc.bind)
+    # as after a rollout engine start: the regression pool collects "v1"
+    app.rollouts.observer.stable_version = "v1"
+    await writer.run(app.scoring.bind)
     fired = 0
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -94,6 +101,7 @@ async def run(data_dir: Path) -> float:
     cpu = time.process_time() - cpu_started
     with store.read() as txn:
         c = read_counters(txn, store)
+    names = ", ".join(runner.stats)
     await writer.shutdown()
     store.close()
     rate = total / elapsed
@@ -102,7 +110,7 @@ async def run(data_dir: Path) -> float:
     print(
         f"processing: {rate:,.0f} events/s ({total} events in {elapsed:.2f} s wall, "
         f"{total / cpu:,.0f} events per CPU-second; {c.samples} samples, {c.sft} sft, "
-        f"{c.pairs} pairs, {fired} triggers fired)"
+        f"{c.pairs} pairs, {fired} triggers fired; processors: {names})"
     )
     return rate
 

@@ -140,6 +140,7 @@ class SidecarApp:
         )
         if self.telemetry.enabled:
             self.ingest.add_observer(self.telemetry.observe_ingest)
+            self.ingest.set_batch_start(self.telemetry.begin_ingest)
         if self.telemetry.traffic is not None:
             self.handlers.status["telemetry"] = self.telemetry.traffic.status
         self.monitor = LearningMonitor(

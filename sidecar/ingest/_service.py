@@ -15,7 +15,7 @@ from sidecar.errors import StoreError, StoreFullError
 from sidecar.ingest._validate import EventValidator
 from sidecar.store import IngestResult, StoreWriter
 
-__all__ = ["BatchObserver", "IngestServicer"]
+__all__ = ["BatchObserver", "BatchStart", "IngestServicer"]
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 #: writer's result with the batch's sequence range); the telemetry stage hooks
 #: in here. Never per event.
 BatchObserver = Callable[[events_pb2.EventBatch, events_pb2.IngestAck, float, IngestResult], None]
+#: Called when a batch is submitted; may return a callback for the commit.
+BatchStart = Callable[[events_pb2.EventBatch], Callable[[IngestResult], None] | None]
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -40,11 +42,18 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._max_inflight = ingest.max_inflight_batches
         self._max_streams = server.max_concurrent_streams
         self._observers: list[BatchObserver] = []
+        self._batch_start: BatchStart | None = None
         self._draining = asyncio.Event()
         self.open_streams = 0
 
     def add_observer(self, observer: BatchObserver) -> None:
         self._observers.append(observer)
+
+    def set_batch_start(self, start: BatchStart | None) -> None:
+        """``start(batch)`` runs when a batch is submitted, in the caller's context;
+        the callback it returns runs on the writer thread once the batch is
+        committed, before any other stage can read it (see ``submit_events``)."""
+        self._batch_start = start
 
     def drain(self) -> None:
         """Stops reading new batches; in-flight batches are committed and acked."""
@@ -66,7 +75,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 rejections.append(events_pb2.Rejection(index=index, reason=reason))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        fut = asyncio.wrap_future(self._writer.submit_events(items, len(rejections)))
+        on_commit = self._batch_start(batch) if self._batch_start is not None else None
+        fut = asyncio.wrap_future(self._writer.submit_events(items, len(rejections), on_commit))
 
         async def finish() -> events_pb2.IngestAck:
             result: IngestResult = await fut

@@ -35,6 +35,7 @@ import lmdb
 from sidecar.config import LearningConfig
 from sidecar.scoring import read_counters, read_version_feedback
 from sidecar.store import Store, append_history
+from sidecar.telemetry import instruments as ins
 
 __all__ = ["Decision", "LearningScheduler", "SchedulerState"]
 
@@ -83,6 +84,8 @@ class Decision:
     #: Sample and pair numbers of the new data for this update: (after, upto].
     sample_range: tuple[int, int] = (0, 0)
     pair_range: tuple[int, int] = (0, 0)
+    #: W3C traceparent of the trigger's span: the update continues its trace.
+    traceparent: str = ""
 
 
 class LearningScheduler:
@@ -178,17 +181,29 @@ class LearningScheduler:
         st.in_flight = update_id
         st.last_suppressed = ""
         self._save(txn, st)
-        append_history(
-            txn,
-            self._store,
-            "trigger",
-            time_ms=now_ms,
+        # The trigger continues the trace of the newest ingest batch (the data
+        # that made it fire); training and the rollout continue from here.
+        with ins.span(
+            "learning.trigger",
+            parent=ins.latest_ingest_context(),
             trigger=trigger,
             reason=reason,
             update_id=update_id,
             pending=pending,
-            base_version=stable,
-        )
+        ):
+            traceparent = ins.trace_fields()
+            append_history(
+                txn,
+                self._store,
+                "trigger",
+                time_ms=now_ms,
+                trigger=trigger,
+                reason=reason,
+                update_id=update_id,
+                pending=pending,
+                base_version=stable,
+                **traceparent,
+            )
         self.fired += 1
         return Decision(
             True,
@@ -198,6 +213,7 @@ class LearningScheduler:
             base_version=stable,
             pending=pending,
             sample_range=sample_range,
+            traceparent=traceparent.get("traceparent", ""),
             pair_range=pair_range,
         )
 

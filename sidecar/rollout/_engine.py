@@ -47,6 +47,7 @@ from sidecar.rollout._observe import (
 from sidecar.rollout._record import RolloutRecord, Transition
 from sidecar.rollout._sequential import RateRatioTest
 from sidecar.store import Store, StoreWriter, append_history
+from sidecar.telemetry import instruments as ins
 
 __all__ = ["Clock", "JudgeFactory", "RolloutEngine", "SystemClock"]
 
@@ -273,6 +274,7 @@ class RolloutEngine:
                 state_started_ms=now,
                 artifact_uri=artifact_uri,
                 update_id=update_id,
+                traceparent=ins.traceparent() or "",
             )
             self._set_active(rec)
             self._judge = self._judge_factory(self._cfg.canary, None)
@@ -858,7 +860,15 @@ class RolloutEngine:
             if stable:
                 txn.put(_STABLE_KEY, stable, db=db)
             for kind, doc in history:
-                append_history(txn, store, kind, time_ms=when, **doc)
+                with ins.span(
+                    f"rollout.{kind}",
+                    parent=rec.traceparent or None,
+                    rollout_id=rid,
+                    candidate=rec.candidate,
+                    state=rec.state,
+                    stage_index=rec.stage_index,
+                ):
+                    append_history(txn, store, kind, time_ms=when, **doc, **ins.trace_fields())
 
         await self._writer.run(write)
         self._last_checkpoint = self._clock.now_ms()

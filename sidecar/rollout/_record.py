@@ -76,6 +76,9 @@ class RolloutRecord:
     probes: dict[str, str] = field(default_factory=dict)
     paused_from: str = ""
     hooks_pending: list[str] = field(default_factory=list)
+    #: W3C traceparent current when the rollout started (the training run, for
+    #: an automatic rollout): every transition's span continues it.
+    traceparent: str = ""
     unload_version: str = ""
     unload_at_ms: int = 0
     transitions: list[Transition] = field(default_factory=list)

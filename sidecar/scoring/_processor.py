@@ -20,6 +20,14 @@ answers to the same prompt whose rewards differ by the pair margin), and
 updates the per-version feedback of its model and its sources' statistics
 for quarantine. SHADOW and PROBE answers never join: they are counted and
 left to the stages that compare them.
+
+The processor runs once per event, so it does as little per event as it
+can: running totals (counters, per-version feedback, per-source statistics)
+and request records are kept in memory for the current transaction and
+written once, by ``end_batch``, before that transaction commits. Samples and
+pairs are built and stored as plain documents (the same bytes
+``Sample.to_json`` and ``Pair.to_json`` give); :class:`Sample` and
+:class:`Pair` objects are only made for listeners.
 """
 
 from __future__ import annotations
@@ -46,14 +54,20 @@ from sidecar.scoring._views import (
 from sidecar.scoring._weights import WeightTable, ensure_weight_version, score_feedback
 from sidecar.store import Store, decode_u64, encode_u64, read_cursor
 
+_Doc = dict[str, Any]
+
 __all__ = ["FeedbackProcessor", "SampleListener", "table_from_config"]
 
 S = events_pb2.Signal
 _PRIMARY_ROLES = (events_pb2.ROLE_UNSPECIFIED, events_pb2.PRIMARY)
 _SIGNAL_NAMES = {v: k for k, v in S.items()}
-_ENGAGE = S.ENGAGE
+_ENGAGE = int(S.ENGAGE)
+_NO_DEADLINE = 1 << 64
+_NO_COUNTERS = ScoringCounters().pack()
 _SOURCE = struct.Struct(">Qd")
 _PROMPT_ENTRY = struct.Struct(">d8s")
+#: windows key: deadline, seq
+_WINDOW_KEY = struct.Struct(">QQ")
 _KIND_INFERENCE = b"i"
 _KIND_ORPHAN = b"o"
 
@@ -78,11 +92,49 @@ _dumps = orjson.dumps
 _loads = orjson.loads
 
 
+class _Batch:
+    """What the processor accumulated in one transaction, written by ``end_batch``.
+
+    Tied to its transaction object: a batch whose transaction was aborted
+    (so ``end_batch`` never ran) is dropped, never written.
+    """
+
+    __slots__ = (
+        "counters",
+        "counters_raw",
+        "dirty",
+        "next_deadline",
+        "perf",
+        "requests",
+        "samples",
+        "sources",
+        "txn",
+    )
+
+    def __init__(self, txn: lmdb.Transaction, counters_raw: bytes) -> None:
+        self.txn = txn
+        self.counters_raw = counters_raw
+        self.counters = ScoringCounters.unpack(counters_raw)
+        self.perf: dict[str, VersionFeedback] = {}
+        #: meta key -> [n, sum of signed scores]
+        self.sources: dict[bytes, list[Any]] = {}
+        #: request records read or written in this batch (None: absent)
+        self.requests: dict[bytes, _Doc | None] = {}
+        #: request keys to write (a dict, for a deterministic write order)
+        self.dirty: dict[bytes, None] = {}
+        #: sample documents made or read in this batch, by sample key
+        self.samples: dict[bytes, _Doc] = {}
+        #: no window closes before this log time (a lower bound; None: unknown)
+        self.next_deadline: int | None = None
+
+
 class FeedbackProcessor:
     """The join + scoring + curation processor (cursor ``scoring``).
 
     ``on_primary_version(txn, version)`` is called for each PRIMARY answer's
     model version (the registry uses it to learn the initial stable version).
+    Implements ``end_batch`` (:class:`sidecar.store.BatchingLogProcessor`):
+    a caller of ``process`` must call it before committing.
     """
 
     name = "scoring"
@@ -110,12 +162,14 @@ class FeedbackProcessor:
         self._task_attr = task_attribute
         self._keep_attrs = tuple(sorted({*sample_attributes, task_attribute}))
         self.weight_version: int | None = None
-        # Read caches of values this processor itself wrote in the current
-        # transaction (every write still goes to the store): a new
-        # transaction object, including a retry after an abort, starts empty.
-        self._cache_txn: lmdb.Transaction | None = None
-        self._counters: ScoringCounters | None = None
-        self._perf: dict[str, VersionFeedback] = {}
+        self._batch: _Batch | None = None
+        # database handles, looked up when a batch begins (the store opens later)
+        self._meta: Any = None
+        self._requests: Any = None
+        self._windows: Any = None
+        self._samples: Any = None
+        self._pairs: Any = None
+        self._prompts: Any = None
         self.sample_listeners: list[SampleListener] = []
         self.pair_listeners: list[PairListener] = []
 
@@ -131,16 +185,47 @@ class FeedbackProcessor:
     def process(
         self, txn: lmdb.Transaction, seq: int, ingest_ms: int, event: events_pb2.Event
     ) -> None:
-        if self.weight_version is None:
-            self.bind(txn)
-        self._close_until(txn, ingest_ms)
+        b = self._batch
+        if b is None or b.txn is not txn:
+            b = self._begin(txn)
+        nd = b.next_deadline
+        if nd is None or ingest_ms >= nd:
+            self._close_due(b, ingest_ms)
         kind = event.WhichOneof("payload")
         if kind == "inference":
-            self._on_inference(txn, seq, ingest_ms, event.inference)
+            self._on_inference(b, seq, ingest_ms, event.inference)
         elif kind == "feedback":
-            self._on_feedback(txn, seq, ingest_ms, event.feedback)
+            self._on_feedback(b, seq, ingest_ms, event.feedback)
         else:
             raise ValueError("event has no payload (expected inference or feedback)")
+
+    def end_batch(self, txn: lmdb.Transaction) -> None:
+        """Writes what this transaction's events accumulated (before its commit)."""
+        b, self._batch = self._batch, None
+        if b is None or b.txn is not txn:
+            return
+        meta_items: list[tuple[bytes, bytes]] = []
+        counters = b.counters.pack()
+        if counters != b.counters_raw:
+            meta_items.append((COUNTERS_KEY, counters))
+        for version, perf in b.perf.items():
+            meta_items.append((PERF_PREFIX + version.encode(), perf.pack()))
+        for skey, (n, total) in b.sources.items():
+            meta_items.append((skey, _SOURCE.pack(n, total)))
+        if meta_items:
+            with txn.cursor(db=self._meta) as cur:
+                cur.putmulti(meta_items)
+        requests = self._requests
+        puts: list[tuple[bytes, bytes]] = []
+        for key in b.dirty:
+            rec = b.requests[key]
+            if rec is None:
+                txn.delete(key, db=requests)
+            else:
+                puts.append((key, _dumps(rec)))
+        if puts:
+            with txn.cursor(db=requests) as cur:
+                cur.putmulti(puts)
 
     def tick(self, txn: lmdb.Transaction, now_ms: int) -> None:
         # Only once every logged event is processed: events logged later carry
@@ -151,17 +236,39 @@ class FeedbackProcessor:
             last = decode_u64(cur.key()) if cur.last() else 0
         if read_cursor(txn, store, self.name) <= last:
             return
-        if self.weight_version is None:
-            self.bind(txn)
         self._close_until(txn, now_ms)
+        self.end_batch(txn)
+
+    def _begin(self, txn: lmdb.Transaction) -> _Batch:
+        db = self._store.db
+        self._meta, self._requests, self._windows = db("meta"), db("requests"), db("windows")
+        self._samples, self._pairs, self._prompts = db("samples"), db("pairs"), db("prompts")
+        # Every batch, not once: a first batch that failed and was retried
+        # event by event took its weight-version record with it.
+        self.bind(txn)
+        raw = txn.get(COUNTERS_KEY, db=self._meta)
+        b = self._batch = _Batch(txn, bytes(raw) if raw else _NO_COUNTERS)
+        return b
+
+    def _request(self, b: _Batch, key: bytes) -> _Doc | None:
+        try:
+            return b.requests[key]
+        except KeyError:
+            pass
+        raw = b.txn.get(key, db=self._requests)
+        rec: _Doc | None = _loads(raw) if raw is not None else None
+        b.requests[key] = rec
+        return rec
+
+    def _set_request(self, b: _Batch, key: bytes, rec: _Doc | None) -> None:
+        b.requests[key] = rec
+        b.dirty[key] = None
 
     # -- the join ------------------------------------------------------------
 
-    def _on_inference(
-        self, txn: lmdb.Transaction, seq: int, ingest_ms: int, inf: events_pb2.Inference
-    ) -> None:
+    def _on_inference(self, b: _Batch, seq: int, ingest_ms: int, inf: events_pb2.Inference) -> None:
         if inf.role not in _PRIMARY_ROLES:
-            self._bump(txn, "non_primary")
+            b.counters.non_primary += 1
             return
         rid = inf.request_id
         if not rid:
@@ -169,63 +276,52 @@ class FeedbackProcessor:
         version = inf.model_version
         if not version:
             raise ValueError("inference.model_version is empty")
+        txn = b.txn
         if self._on_version is not None:
             self._on_version(txn, version)
-        store = self._store
-        requests = store.db("requests")
         key = rid.encode()
-        raw = txn.get(key, db=requests)
-        early: dict[str, Any] | None = None
-        if raw is not None:
-            prev = _loads(raw)
+        prev = self._request(b, key)
+        if prev is not None:
             if "o" not in prev:
-                self._bump(txn, "duplicate_requests")
+                b.counters.duplicate_requests += 1
                 return
-            early = prev
-            txn.delete(encode_u64(prev["dl"]) + encode_u64(prev["s"]), db=store.db("windows"))
-        self._perf_request(txn, version, inf.error)
-        lp = inf.token_logprobs
+            txn.delete(_WINDOW_KEY.pack(prev["dl"], prev["s"]), db=self._windows)
+        error = inf.error
+        self._perf_request(b, version, error)
+        lp = list(inf.token_logprobs)
         attrs = inf.attributes
         deadline = ingest_ms + self._window_ms
-        rec: dict[str, Any] = {
+        rec: _Doc = {
             "s": seq,
             "t": ingest_ms,
             "dl": deadline,
             "v": version,
             "p": inf.prompt,
             "r": inf.response,
-            "e": 1 if inf.error else 0,
+            "e": 1 if error else 0,
             "u": inf.user_id,
             "ss": inf.session_id,
             "ro": inf.retry_of,
-            "tk": inf.attributes.get(self._task_attr, ""),
+            "tk": attrs.get(self._task_attr, ""),
             "at": [[k, attrs[k]] for k in self._keep_attrs if k in attrs],
             "lp": [sum(lp) / len(lp), min(lp), len(lp)] if lp else None,
-            "sg": early["sg"] if early else [],
-            "rt": early["rt"] if early else None,
-            "cr": early["cr"] if early else "",
-            "fs": early["fs"] if early else [],
+            "sg": prev["sg"] if prev else [],
+            "rt": prev["rt"] if prev else None,
+            "cr": prev["cr"] if prev else "",
+            "fs": prev["fs"] if prev else [],
         }
-        txn.put(key, _dumps(rec), db=requests)
-        txn.put(
-            encode_u64(deadline) + encode_u64(seq),
-            _KIND_INFERENCE + key,
-            db=store.db("windows"),
-        )
+        self._set_request(b, key, rec)
+        self._add_window(b, deadline, seq, _KIND_INFERENCE + key)
 
-    def _on_feedback(
-        self, txn: lmdb.Transaction, seq: int, ingest_ms: int, fb: events_pb2.Feedback
-    ) -> None:
+    def _on_feedback(self, b: _Batch, seq: int, ingest_ms: int, fb: events_pb2.Feedback) -> None:
         rid = fb.request_id
         if not rid:
             raise ValueError("feedback.request_id is empty")
-        store = self._store
-        requests = store.db("requests")
         key = rid.encode()
-        raw = txn.get(key, db=requests)
-        if raw is None:
+        rec = self._request(b, key)
+        if rec is None:
             deadline = ingest_ms + self._window_ms
-            rec: dict[str, Any] = {
+            rec = {
                 "o": 1,
                 "s": seq,
                 "dl": deadline,
@@ -234,65 +330,77 @@ class FeedbackProcessor:
                 "cr": "",
                 "fs": [],
             }
-            txn.put(
-                encode_u64(deadline) + encode_u64(seq),
-                _KIND_ORPHAN + key,
-                db=store.db("windows"),
-            )
-        else:
-            rec = _loads(raw)
-            if "c" in rec:
-                self._bump(txn, "late_feedback")
-                return
-        if fb.signal:
-            if fb.signal not in _SIGNAL_NAMES:
-                raise ValueError(f"feedback.signal: unknown value {fb.signal}")
-            rec["sg"].append(int(fb.signal))
+            self._add_window(b, deadline, seq, _KIND_ORPHAN + key)
+        elif "c" in rec:
+            b.counters.late_feedback += 1
+            return
+        signal = fb.signal
+        if signal:
+            if signal not in _SIGNAL_NAMES:
+                raise ValueError(f"feedback.signal: unknown value {signal}")
+            rec["sg"].append(int(signal))
         threshold = self.config.dwell_engage_ms
         if threshold and fb.dwell_ms >= threshold:
-            rec["sg"].append(int(_ENGAGE))
+            rec["sg"].append(_ENGAGE)
         if fb.HasField("rating"):
             rec["rt"] = float(fb.rating)
         if fb.correction:
             rec["cr"] = fb.correction
         fs = rec["fs"]
-        for src in (
-            "user:" + fb.user_id if fb.user_id else "",
-            "session:" + fb.session_id if fb.session_id else "",
-        ):
-            if src and src not in fs:
+        if fb.user_id:
+            src = "user:" + fb.user_id
+            if src not in fs:
                 fs.append(src)
-        txn.put(key, _dumps(rec), db=requests)
+        if fb.session_id:
+            src = "session:" + fb.session_id
+            if src not in fs:
+                fs.append(src)
+        self._set_request(b, key, rec)
 
     # -- closing windows -----------------------------------------------------
 
+    def _add_window(self, b: _Batch, deadline: int, seq: int, value: bytes) -> None:
+        b.txn.put(_WINDOW_KEY.pack(deadline, seq), value, db=self._windows)
+        nd = b.next_deadline
+        if nd is not None and deadline < nd:
+            b.next_deadline = deadline
+
     def _close_until(self, txn: lmdb.Transaction, until_ms: int) -> None:
-        windows = self._store.db("windows")
-        with txn.cursor(db=windows) as cur:
+        """Closes every window that ends at or before ``until_ms`` (log time).
+
+        Part of the current batch: ``end_batch(txn)`` writes the outcome.
+        """
+        b = self._batch
+        if b is None or b.txn is not txn:
+            b = self._begin(txn)
+        self._close_due(b, until_ms)
+
+    def _close_due(self, b: _Batch, until_ms: int) -> None:
+        txn = b.txn
+        with txn.cursor(db=self._windows) as cur:
             while cur.first():
                 k = cur.key()
-                if decode_u64(k) > until_ms:
+                deadline = decode_u64(k)
+                if deadline > until_ms:
+                    b.next_deadline = deadline
                     return
                 value = bytes(cur.value())
                 cur.delete()
-                self._close(txn, value[:1], value[1:], decode_u64(k))
+                self._close(b, value[:1], value[1:], deadline)
+        b.next_deadline = _NO_DEADLINE
 
-    def _close(self, txn: lmdb.Transaction, kind: bytes, key: bytes, deadline: int) -> None:
-        store = self._store
-        requests = store.db("requests")
-        raw = txn.get(key, db=requests)
-        if raw is None:
+    def _close(self, b: _Batch, kind: bytes, key: bytes, deadline: int) -> None:
+        rec = self._request(b, key)
+        if rec is None:
             return
-        rec = _loads(raw)
+        counters = b.counters
         if kind == _KIND_ORPHAN:
             if "o" in rec:
-                txn.delete(key, db=requests)
-                self._bump(txn, "orphans_dropped")
+                self._set_request(b, key, None)
+                counters.orphans_dropped += 1
             return
-        meta = store.db("meta")
-        counters = self._get_counters(txn)
-        table = self.table
-        score = score_feedback(rec["sg"], rec["rt"], table)
+        txn = b.txn
+        score = score_feedback(rec["sg"], rec["rt"], self.table)
         version = rec["v"]
         sources: list[str] = rec["fs"]
         if not sources:
@@ -302,184 +410,167 @@ class FeedbackProcessor:
             if rec["ss"]:
                 sources = [*sources, "session:" + rec["ss"]]
         if score.has_feedback:
-            self._perf_feedback(txn, version, score.reward, score.signed)
+            signed = score.signed
+            self._perf_feedback(b, version, score.reward, signed)
+            src_stats = b.sources
             for src in sources:
                 skey = SOURCE_PREFIX + src.encode()
-                old = txn.get(skey, db=meta)
-                n, total = _SOURCE.unpack(old) if old else (0, 0.0)
-                txn.put(skey, _SOURCE.pack(n + 1, total + score.signed), db=meta)
+                st = src_stats.get(skey)
+                if st is None:
+                    old = txn.get(skey, db=self._meta)
+                    st = src_stats[skey] = list(_SOURCE.unpack(old)) if old else [0, 0.0]
+                st[0] += 1
+                st[1] += signed
         if rec["e"] or not rec["p"] or not rec["r"]:
             counters.closed_other += 1
-            self._put_counters(txn, counters)
-            txn.put(key, _dumps({"c": 0, "s": rec["s"]}), db=requests)
+            self._set_request(b, key, {"c": 0, "s": rec["s"]})
             return
         counters.samples += 1
         no = counters.samples
         lp = rec["lp"]
+        reward = round(score.reward, 6)
         qualifies = score.reward >= self.config.quality_threshold
-        sample = Sample(
-            no=no,
-            seq=rec["s"],
-            request_id=key.decode(),
-            prompt=rec["p"],
-            completion=rec["r"],
-            reward=round(score.reward, 6),
-            signed=round(score.signed, 6),
-            has_feedback=score.has_feedback,
-            qualifies=qualifies,
-            model_version=version,
-            task_id=rec["tk"],
-            user_id=rec["u"],
-            session_id=rec["ss"],
-            sources=tuple(sources),
-            signals=tuple(_SIGNAL_NAMES[s] for s in sorted(set(rec["sg"]))),
-            rating=rec["rt"],
-            logprob_mean=round(lp[0], 6) if lp else None,
-            logprob_min=round(lp[1], 6) if lp else None,
-            n_tokens=lp[2] if lp else 0,
-            closed_ms=deadline,
-            ingest_ms=rec["t"],
-            weight_version=self.weight_version or 0,
-            attributes=tuple((str(k), str(v)) for k, v in rec.get("at", ())),
-        )
+        # Sample's fields, in its order: the same bytes as Sample.to_json.
+        doc: _Doc = {
+            "no": no,
+            "seq": rec["s"],
+            "request_id": key.decode(),
+            "prompt": rec["p"],
+            "completion": rec["r"],
+            "reward": reward,
+            "signed": round(score.signed, 6),
+            "has_feedback": score.has_feedback,
+            "qualifies": qualifies,
+            "model_version": version,
+            "task_id": rec["tk"],
+            "user_id": rec["u"],
+            "session_id": rec["ss"],
+            "sources": sources,
+            "signals": [_SIGNAL_NAMES[s] for s in sorted(set(rec["sg"]))],
+            "rating": rec["rt"],
+            "logprob_mean": round(lp[0], 6) if lp else None,
+            "logprob_min": round(lp[1], 6) if lp else None,
+            "n_tokens": lp[2] if lp else 0,
+            "closed_ms": deadline,
+            "ingest_ms": rec["t"],
+            "weight_version": self.weight_version or 0,
+            "source": "new",
+            "quarantined": False,
+            "attributes": [[str(k), str(v)] for k, v in rec.get("at", ())],
+        }
         if qualifies:
             counters.sft += 1
         if score.has_feedback:
             counters.feedback_samples += 1
-        txn.put(encode_u64(no), sample.to_json(), db=store.db("samples"), append=True)
-        pairs = self._pairs_for(txn, sample, rec)
-        for pair in pairs:
+        skey = encode_u64(no)
+        b.samples[skey] = doc
+        txn.put(skey, _dumps(doc), db=self._samples, append=True)
+        for pair in self._pairs_for(b, doc, rec):
             counters.pairs += 1
-            pair = _renumber(pair, counters.pairs)
-            txn.put(encode_u64(pair.no), pair.to_json(), db=store.db("pairs"), append=True)
-            for plisten in self.pair_listeners:
-                plisten(txn, pair)
-        self._put_counters(txn, counters)
-        txn.put(key, _dumps({"c": no, "s": rec["s"]}), db=requests)
-        for listen in self.sample_listeners:
-            listen(txn, sample)
+            pair["no"] = counters.pairs
+            raw = _dumps(pair)
+            txn.put(encode_u64(counters.pairs), raw, db=self._pairs, append=True)
+            if self.pair_listeners:
+                pair_obj = Pair.from_json(raw)
+                for plisten in self.pair_listeners:
+                    plisten(txn, pair_obj)
+        self._set_request(b, key, {"c": no, "s": rec["s"]})
+        if self.sample_listeners:
+            sample = _sample(doc)
+            for listen in self.sample_listeners:
+                listen(txn, sample)
 
     # -- preference pairs ----------------------------------------------------
 
-    def _pairs_for(self, txn: lmdb.Transaction, s: Sample, rec: dict[str, Any]) -> list[Pair]:
-        out: list[Pair] = []
+    def _sample_doc(self, b: _Batch, skey: bytes) -> _Doc:
+        doc = b.samples.get(skey)
+        if doc is None:
+            doc = b.samples[skey] = _loads(_must(b.txn.get(skey, db=self._samples)))
+        return doc
+
+    def _pairs_for(self, b: _Batch, s: _Doc, rec: _Doc) -> list[_Doc]:
+        out: list[_Doc] = []
         correction = rec["cr"]
-        if correction and correction != s.completion:
+        completion = s["completion"]
+        if correction and correction != completion:
             out.append(
-                Pair(
-                    no=0,
-                    kind="edit",
-                    prompt=s.prompt,
-                    chosen=correction,
-                    rejected=s.completion,
-                    margin=round(1.0 - s.reward, 6),
-                    reward=1.0,
-                    seqs=(s.seq, s.seq),
-                    request_ids=(s.request_id, s.request_id),
-                    sources=s.sources,
-                    task_id=s.task_id,
-                    closed_ms=s.closed_ms,
-                    weight_version=s.weight_version,
-                )
+                {
+                    "no": 0,
+                    "kind": "edit",
+                    "prompt": s["prompt"],
+                    "chosen": correction,
+                    "rejected": completion,
+                    "margin": round(1.0 - s["reward"], 6),
+                    "reward": 1.0,
+                    "seqs": [s["seq"], s["seq"]],
+                    "request_ids": [s["request_id"], s["request_id"]],
+                    "sources": s["sources"],
+                    "task_id": s["task_id"],
+                    "closed_ms": s["closed_ms"],
+                    "weight_version": s["weight_version"],
+                    "source": "new",
+                    "quarantined": False,
+                }
             )
-        samples = self._store.db("samples")
         if rec["ro"]:
-            raw = txn.get(rec["ro"].encode(), db=self._store.db("requests"))
-            prev_no = _loads(raw).get("c", 0) if raw else 0
+            prev_rec = self._request(b, rec["ro"].encode())
+            prev_no = prev_rec.get("c", 0) if prev_rec else 0
             if prev_no:
-                prev = Sample.from_json(_must(txn.get(encode_u64(prev_no), db=samples)))
-                if prev.completion != s.completion:
+                prev = self._sample_doc(b, encode_u64(prev_no))
+                if prev["completion"] != completion:
                     # A retry says the user rejected the earlier answer, unless
                     # its own feedback scored it higher than the retry.
-                    if prev.reward > s.reward:
-                        out.append(self._pair("retry", prev, s))
+                    if prev["reward"] > s["reward"]:
+                        out.append(_pair("retry", prev, s))
                     else:
-                        out.append(self._pair("retry", s, prev))
-        # one pair per two answers: a retry pair already says it
-        paired = {seq for p in out for seq in p.seqs}
-        if s.has_feedback and self.config.pair_lookback:
-            prompts = self._store.db("prompts")
-            prefix = hashlib.sha256(s.prompt.encode()).digest()[:12]
-            mine = _completion_hash(s.completion)
-            margin = self.config.pair_margin
-            room = self.config.pairs_per_sample
-            with txn.cursor(db=prompts) as cur:
+                        out.append(_pair("retry", s, prev))
+        config = self.config
+        if s["has_feedback"] and config.pair_lookback:
+            # one pair per two answers: a retry pair already says it
+            paired = {seq for p in out for seq in p["seqs"]} if out else ()
+            prompt = s["prompt"]
+            reward = s["reward"]
+            prefix = hashlib.sha256(prompt.encode()).digest()[:12]
+            mine = _completion_hash(completion)
+            margin = config.pair_margin
+            room = config.pairs_per_sample
+            lookback = config.pair_lookback
+            txn = b.txn
+            with txn.cursor(db=self._prompts) as cur:
                 seen = 0
-                ok = cur.set_range(prefix + encode_u64(s.no))
+                ok = cur.set_range(prefix + encode_u64(s["no"]))
                 ok = cur.prev() if ok else cur.last()
-                while ok and seen < self.config.pair_lookback and room > 0:
+                while ok and seen < lookback and room > 0:
                     k = cur.key()
                     if k[:12] != prefix:
                         break
                     seen += 1
-                    reward, chash = _PROMPT_ENTRY.unpack(cur.value())
-                    if chash != mine and abs(s.reward - reward) >= margin:
-                        other = Sample.from_json(_must(txn.get(k[12:], db=samples)))
-                        if other.prompt == s.prompt and other.seq not in paired:
+                    other_reward, chash = _PROMPT_ENTRY.unpack(cur.value())
+                    if chash != mine and abs(reward - other_reward) >= margin:
+                        other = self._sample_doc(b, bytes(k[12:]))
+                        if other["prompt"] == prompt and other["seq"] not in paired:
                             room -= 1
-                            if s.reward > other.reward:
-                                out.append(self._pair("score", s, other))
+                            if reward > other["reward"]:
+                                out.append(_pair("score", s, other))
                             else:
-                                out.append(self._pair("score", other, s))
+                                out.append(_pair("score", other, s))
                     ok = cur.prev()
-            txn.put(prefix + encode_u64(s.no), _PROMPT_ENTRY.pack(s.reward, mine), db=prompts)
+            txn.put(
+                prefix + encode_u64(s["no"]), _PROMPT_ENTRY.pack(reward, mine), db=self._prompts
+            )
         return out
 
-    @staticmethod
-    def _pair(kind: str, chosen: Sample, rejected: Sample) -> Pair:
-        sources = tuple(dict.fromkeys(chosen.sources + rejected.sources))
-        return Pair(
-            no=0,
-            kind=kind,
-            prompt=chosen.prompt,
-            chosen=chosen.completion,
-            rejected=rejected.completion,
-            margin=round(chosen.reward - rejected.reward, 6),
-            reward=chosen.reward,
-            seqs=(chosen.seq, rejected.seq),
-            request_ids=(chosen.request_id, rejected.request_id),
-            sources=sources,
-            task_id=chosen.task_id or rejected.task_id,
-            closed_ms=max(chosen.closed_ms, rejected.closed_ms),
-            weight_version=chosen.weight_version,
-        )
+    # -- per-version feedback --------------------------------------------------
 
-    # -- counters and per-version feedback ------------------------------------
-
-    def _check_cache(self, txn: lmdb.Transaction) -> None:
-        if self._cache_txn is not txn:
-            self._cache_txn = txn
-            self._counters = None
-            self._perf.clear()
-
-    def _get_counters(self, txn: lmdb.Transaction) -> ScoringCounters:
-        self._check_cache(txn)
-        if self._counters is None:
-            self._counters = ScoringCounters.unpack(
-                txn.get(COUNTERS_KEY, db=self._store.db("meta"))
-            )
-        return self._counters
-
-    def _put_counters(self, txn: lmdb.Transaction, counters: ScoringCounters) -> None:
-        txn.put(COUNTERS_KEY, counters.pack(), db=self._store.db("meta"))
-
-    def _get_perf(self, txn: lmdb.Transaction, version: str) -> VersionFeedback:
-        self._check_cache(txn)
-        perf = self._perf.get(version)
+    def _get_perf(self, b: _Batch, version: str) -> VersionFeedback:
+        perf = b.perf.get(version)
         if perf is None:
-            raw = txn.get(PERF_PREFIX + version.encode(), db=self._store.db("meta"))
-            perf = self._perf[version] = VersionFeedback.unpack(raw)
+            raw = b.txn.get(PERF_PREFIX + version.encode(), db=self._meta)
+            perf = b.perf[version] = VersionFeedback.unpack(raw)
         return perf
 
-    def _bump(self, txn: lmdb.Transaction, name: str) -> None:
-        counters = self._get_counters(txn)
-        setattr(counters, name, getattr(counters, name) + 1)
-        self._put_counters(txn, counters)
-
-    def _perf_request(self, txn: lmdb.Transaction, version: str, error: bool) -> None:
-        meta = self._store.db("meta")
-        key = PERF_PREFIX + version.encode()
-        perf = self._get_perf(txn, version)
+    def _perf_request(self, b: _Batch, version: str, error: bool) -> None:
+        perf = self._get_perf(b, version)
         perf.requests += 1
         x = 1.0 if error else 0.0
         if error:
@@ -487,14 +578,9 @@ class FeedbackProcessor:
         perf.error_recent = (
             x if perf.requests == 1 else perf.error_recent + self._alpha * (x - perf.error_recent)
         )
-        txn.put(key, perf.pack(), db=meta)
 
-    def _perf_feedback(
-        self, txn: lmdb.Transaction, version: str, reward: float, signed: float
-    ) -> None:
-        meta = self._store.db("meta")
-        key = PERF_PREFIX + version.encode()
-        perf = self._get_perf(txn, version)
+    def _perf_feedback(self, b: _Batch, version: str, reward: float, signed: float) -> None:
+        perf = self._get_perf(b, version)
         perf.feedback_n += 1
         perf.reward_sum += reward
         perf.signed_sum += signed
@@ -506,7 +592,38 @@ class FeedbackProcessor:
         if perf.baseline_n < self._baseline_n:
             perf.baseline_n += 1
             perf.baseline_sum += reward
-        txn.put(key, perf.pack(), db=meta)
+
+
+def _pair(kind: str, chosen: _Doc, rejected: _Doc) -> _Doc:
+    """A pair document (Pair's fields, in its order); ``no`` is set on storing."""
+    return {
+        "no": 0,
+        "kind": kind,
+        "prompt": chosen["prompt"],
+        "chosen": chosen["completion"],
+        "rejected": rejected["completion"],
+        "margin": round(chosen["reward"] - rejected["reward"], 6),
+        "reward": chosen["reward"],
+        "seqs": [chosen["seq"], rejected["seq"]],
+        "request_ids": [chosen["request_id"], rejected["request_id"]],
+        "sources": list(dict.fromkeys(chosen["sources"] + rejected["sources"])),
+        "task_id": chosen["task_id"] or rejected["task_id"],
+        "closed_ms": max(chosen["closed_ms"], rejected["closed_ms"]),
+        "weight_version": chosen["weight_version"],
+        "source": "new",
+        "quarantined": False,
+    }
+
+
+def _sample(doc: _Doc) -> Sample:
+    return Sample(
+        **{
+            **doc,
+            "sources": tuple(doc["sources"]),
+            "signals": tuple(doc["signals"]),
+            "attributes": tuple((k, v) for k, v in doc["attributes"]),
+        }
+    )
 
 
 def _completion_hash(text: str) -> bytes:
@@ -517,9 +634,3 @@ def _must(raw: bytes | memoryview | None) -> bytes | memoryview:
     if raw is None:
         raise LookupError("scoring views are inconsistent: a referenced sample is missing")
     return raw
-
-
-def _renumber(pair: Pair, no: int) -> Pair:
-    from dataclasses import replace
-
-    return replace(pair, no=no)

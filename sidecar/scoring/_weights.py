@@ -12,6 +12,7 @@ versioned weight table. Two rules fix the seed's bugs:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -60,8 +61,12 @@ class WeightTable:
     default_reward: float = 0.5
 
     def weight(self, signal: int) -> float:
-        name = _SIGNAL_NAMES.get(signal)
-        return float(self.signals.get(name, 0.0)) if name else 0.0
+        return self.weights_by_number.get(signal, 0.0)
+
+    @functools.cached_property
+    def weights_by_number(self) -> Mapping[int, float]:
+        """Weight of each known signal by its enum number (scoring's hot path)."""
+        return {n: float(self.signals.get(name, 0.0)) for n, name in _SIGNAL_NAMES.items()}
 
     def fingerprint(self) -> str:
         """A stable hash; a different table gets a different weight version."""
@@ -84,6 +89,9 @@ class Score:
     reward: float
 
 
+_DEFAULT_TABLE = WeightTable()
+
+
 def _clamp(x: float, lo: float = -1.0, hi: float = 1.0) -> float:
     return lo if x < lo else hi if x > hi else x
 
@@ -96,9 +104,14 @@ def score_feedback(
     ``signals``: every implicit signal received (repeats count once each);
     ``rating``: the latest explicit rating in [0, 1], or None.
     """
-    t = table or WeightTable()
-    sigs = [s for s in signals if s != S.SIGNAL_UNSPECIFIED]
-    implicit = _clamp(sum(t.weight(s) for s in set(sigs))) if sigs else None
+    t = table or _DEFAULT_TABLE
+    # SIGNAL_UNSPECIFIED is 0: not a signal
+    sigs = {s for s in signals if s}
+    if sigs:
+        weights = t.weights_by_number
+        implicit: float | None = _clamp(sum(weights.get(s, 0.0) for s in sigs))
+    else:
+        implicit = None
     explicit = 2.0 * rating - 1.0 if rating is not None else None
     if implicit is None and explicit is None:
         return Score(0.0, False, t.default_reward)

@@ -11,7 +11,13 @@ from sidecar.store._codec import (
 )
 from sidecar.store._env import DB_NAMES, SCHEMA_VERSION, Store
 from sidecar.store._history import append_history, read_history
-from sidecar.store._processor import LogProcessor, ProcessorRunner, ProcessorStats, read_cursor
+from sidecar.store._processor import (
+    BatchingLogProcessor,
+    LogProcessor,
+    ProcessorRunner,
+    ProcessorStats,
+    read_cursor,
+)
 from sidecar.store._retention import CURSOR_PREFIX, Retention, TrimResult, trim
 from sidecar.store._writer import IngestResult, StoreWriter, WriterStats
 
@@ -19,6 +25,7 @@ __all__ = [
     "CURSOR_PREFIX",
     "DB_NAMES",
     "SCHEMA_VERSION",
+    "BatchingLogProcessor",
     "IngestResult",
     "LogProcessor",
     "ProcessorRunner",

@@ -8,6 +8,16 @@ the cursor move are both committed, or neither is.
 An event that makes ``process`` raise is dead-lettered (stored in
 ``dead_letters`` with the processor name and the reason, counted) and the
 processor goes on with the next event.
+
+A processor may also define ``end_batch(txn)`` (:class:`BatchingLogProcessor`):
+the runner calls it after the last ``process`` of a batch, in the same
+transaction, before that transaction commits. A processor that keeps running
+totals in memory during a batch writes them there, once per batch instead of
+once per event. When a batch fails, its transaction is aborted without
+``end_batch`` and the events are retried one by one, each in a transaction
+of its own that ends with ``end_batch``; so a processor must discard any
+state it accumulated for a transaction that never reached ``end_batch``
+(keying that state to the transaction object does it).
 """
 
 from __future__ import annotations
@@ -31,7 +41,16 @@ from sidecar.store._retention import CURSOR_PREFIX
 from sidecar.store._writer import StoreWriter
 from sidecar.telemetry import instruments as ins
 
-__all__ = ["LogProcessor", "ProcessorRunner", "ProcessorStats", "read_cursor"]
+__all__ = [
+    "BatchingLogProcessor",
+    "LogProcessor",
+    "ProcessorRunner",
+    "ProcessorStats",
+    "read_cursor",
+]
+
+#: (seq, ingest_ms, serialized Event) of one log entry
+_Row = tuple[int, int, bytes]
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +59,9 @@ class LogProcessor(Protocol):
     """One consumer of the event log.
 
     ``name`` keys its cursor; keep it stable. ``process`` gets the event's
-    sequence number, ingest time and the parsed Event. ``tick`` runs
-    periodically (for time-based work such as reward windows) in its own
+    sequence number, ingest time and the parsed Event; the Event object is
+    shared with the other processors, so it must not be modified. ``tick``
+    runs periodically (for time-based work such as reward windows) in its own
     transaction. Both run on the writer thread: no blocking I/O.
     """
 
@@ -52,6 +72,17 @@ class LogProcessor(Protocol):
     ) -> None: ...
 
     def tick(self, txn: lmdb.Transaction, now_ms: int) -> None: ...
+
+
+class BatchingLogProcessor(LogProcessor, Protocol):
+    """A processor that writes what it accumulated in memory once per batch.
+
+    ``end_batch(txn)`` runs after the batch's last ``process``, in the same
+    transaction, before it commits (see the module docstring for the failure
+    path). ``tick`` must flush its own writes before it returns.
+    """
+
+    def end_batch(self, txn: lmdb.Transaction) -> None: ...
 
 
 @dataclass(slots=True)
@@ -174,12 +205,7 @@ class ProcessorRunner:
                 await asyncio.sleep(self._min_interval)
             else:
                 # behind: leave the writer to ingest for a while (duty cycle)
-                busy = (
-                    self.stats[self._processors[0].name].last_batch_seconds
-                    if self._processors
-                    else 0
-                )
-                await asyncio.sleep(busy * (1.0 / self._max_duty - 1.0))
+                await asyncio.sleep(self._last_round_seconds * (1.0 / self._max_duty - 1.0))
 
     async def tick_all(self, now_ms: int | None = None) -> None:
         """Runs every processor's ``tick`` (each in its own nested transaction)."""
@@ -227,6 +253,9 @@ class ProcessorRunner:
         report: dict[str, tuple[int, int]] = {}
         for st in self.stats.values():
             st.lag = 0
+        # Processors usually sit at the same cursor: the events they read are
+        # parsed once and shared for this round (seq -> Event).
+        parsed: dict[int, events_pb2.Event] = {}
         for i, proc in enumerate(waiting):
             # split what is left of the budget among the processors still to run
             share = (deadline - time.perf_counter()) / (len(waiting) - i)
@@ -236,7 +265,7 @@ class ProcessorRunner:
             # opens (a trigger) are its children.
             with ins.log_batch_span("process.batch", start, start, processor=proc.name) as span:
                 done, exhausted = self._apply(
-                    txn, proc, start, time.perf_counter() + max(share, 0.001)
+                    txn, proc, start, time.perf_counter() + max(share, 0.001), parsed, last
                 )
                 span.set_attribute("events", done)
                 ins.link_ingests(span, start, start + done - 1)
@@ -248,33 +277,52 @@ class ProcessorRunner:
         return more, report
 
     def _apply(
-        self, txn: lmdb.Transaction, proc: LogProcessor, start: int, deadline: float
+        self,
+        txn: lmdb.Transaction,
+        proc: LogProcessor,
+        start: int,
+        deadline: float,
+        parsed: dict[int, events_pb2.Event] | None = None,
+        last: int | None = None,
     ) -> tuple[int, bool]:
         """Processes events from ``start`` until the batch size or ``deadline``, then
-        advances the cursor in the same transaction. Returns (processed, cut short)."""
-        events_db = self._store.db("events")
-        rows: list[tuple[int, int, bytes]] = []
-        with txn.cursor(db=events_db) as cur:
-            if cur.set_range(encode_u64(start)):
-                for key, value in cur:
-                    ingest_ms, payload = decode_log_value(value)
-                    rows.append((decode_u64(key), ingest_ms, payload))
-                    if len(rows) >= self._batch:
-                        break
-        if not rows:
-            return 0, False
+        advances the cursor in the same transaction. Returns (processed, cut short).
+
+        Only committed events (``seq <= last``) are processed: this job may share
+        a group commit with an ingest batch that is not durable, nor acked, yet.
+        """
         st = self.stats[proc.name]
+        end_batch: Callable[[lmdb.Transaction], None] | None = getattr(proc, "end_batch", None)
         env = self._store.env
         clock = time.perf_counter
-        done = 0
+        limit = self._batch
+        # The log is read as it is processed, not a batch ahead: a round's
+        # time budget often ends the batch after a few dozen events.
+        rows: list[_Row] = []
+        more = False
         child = env.begin(write=True, parent=txn)
         try:
-            for seq, ingest_ms, payload in rows:
-                proc.process(child, seq, ingest_ms, _parse(payload))
-                done += 1
-                if done % 64 == 0 and clock() > deadline:
-                    break
+            with child.cursor(db=self._store.db("events")) as cur:
+                more = cur.set_range(encode_u64(start))
+                while more and len(rows) < limit:
+                    key, value = cur.item()
+                    seq = decode_u64(key)
+                    if last is not None and seq > last:
+                        more = False
+                        break
+                    ingest_ms, payload = decode_log_value(value)
+                    rows.append((seq, ingest_ms, payload))
+                    proc.process(child, seq, ingest_ms, _event(parsed, seq, payload))
+                    more = cur.next()
+                    if len(rows) % 64 == 0 and clock() > deadline:
+                        break
+            if not rows:
+                child.abort()
+                return 0, False
+            if end_batch is not None:
+                end_batch(child)
             child.commit()
+            done = len(rows)
             st.processed += done
         except lmdb.MapFullError:
             child.abort()
@@ -286,7 +334,9 @@ class ProcessorRunner:
             for seq, ingest_ms, payload in rows:
                 one = env.begin(write=True, parent=txn)
                 try:
-                    proc.process(one, seq, ingest_ms, _parse(payload))
+                    proc.process(one, seq, ingest_ms, _event(parsed, seq, payload))
+                    if end_batch is not None:
+                        end_batch(one)
                     one.commit()
                     st.processed += 1
                 except lmdb.MapFullError:
@@ -299,11 +349,13 @@ class ProcessorRunner:
                 done += 1
                 if done % 64 == 0 and clock() > deadline:
                     break
+            # the events after the bad one are left to the next round
+            more = True
         last_done = rows[done - 1][0]
         txn.put(
             CURSOR_PREFIX + proc.name.encode(), encode_u64(last_done + 1), db=self._store.db("meta")
         )
-        return done, done < len(rows) or len(rows) >= self._batch
+        return done, more or done < len(rows)
 
     def _dead_letter(self, txn: lmdb.Transaction, name: str, seq: int, exc: Exception) -> None:
         key = name.encode() + b"/" + encode_u64(seq)
@@ -330,6 +382,18 @@ class ProcessorRunner:
 
 def _tick(proc: LogProcessor, txn: lmdb.Transaction, now_ms: int) -> None:
     proc.tick(txn, now_ms)
+
+
+def _event(
+    parsed: dict[int, events_pb2.Event] | None, seq: int, payload: bytes
+) -> events_pb2.Event:
+    """The parsed event, parsed once per round for all processors."""
+    if parsed is None:
+        return _parse(payload)
+    ev = parsed.get(seq)
+    if ev is None:
+        ev = parsed[seq] = _parse(payload)
+    return ev
 
 
 def _parse(payload: bytes) -> events_pb2.Event:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import logging
 import queue
@@ -62,6 +63,7 @@ class _IngestJob:
     items: Sequence[tuple[bytes, bytes]]
     rejected: int
     future: concurrent.futures.Future[IngestResult]
+    on_commit: Callable[[IngestResult], None] | None = None
 
     @property
     def weight(self) -> int:
@@ -147,11 +149,19 @@ class StoreWriter:
     # -- submission ------------------------------------------------------
 
     def submit_events(
-        self, items: Sequence[tuple[bytes, bytes]], rejected: int = 0
+        self,
+        items: Sequence[tuple[bytes, bytes]],
+        rejected: int = 0,
+        on_commit: Callable[[IngestResult], None] | None = None,
     ) -> concurrent.futures.Future[IngestResult]:
-        """Queues (event_id, serialized Event) pairs for dedupe and append."""
+        """Queues (event_id, serialized Event) pairs for dedupe and append.
+
+        ``on_commit(result)`` runs on the writer thread right after the commit,
+        before any later job can see the events (telemetry records which trace
+        wrote which sequence numbers there). It must be quick and not raise.
+        """
         fut: concurrent.futures.Future[IngestResult] = concurrent.futures.Future()
-        self._put(_IngestJob(items, rejected, fut))
+        self._put(_IngestJob(items, rejected, fut, on_commit))
         return fut
 
     def submit(self, fn: Callable[[lmdb.Transaction], T]) -> concurrent.futures.Future[T]:
@@ -207,7 +217,11 @@ class StoreWriter:
                     break
                 jobs.append(nxt)
                 weight += nxt.weight
-            self._commit(jobs)
+            try:
+                self._commit(jobs)
+            except BaseException as exc:  # never let the only writer thread die
+                log.exception("store writer: commit failed unexpectedly")
+                self._fail(jobs, StoreError(f"store write failed: {exc}"))
         # Drain whatever was queued before the stop marker.
         leftover: list[_Job] = []
         if carry is not None:
@@ -261,6 +275,11 @@ class StoreWriter:
         for name, value in counts.items():
             st.counters[name] = st.counters.get(name, 0) + value
         for job, result in zip(jobs, results, strict=True):
+            if isinstance(job, _IngestJob) and job.on_commit is not None:
+                try:
+                    job.on_commit(result)
+                except Exception:
+                    log.exception("store writer: on_commit hook failed")
             if isinstance(result, BaseException):
                 job.future.set_exception(result)
             else:
@@ -276,7 +295,8 @@ class StoreWriter:
         self.stats.failed_commits += 1
         for job in jobs:
             if not job.future.done():
-                job.future.set_exception(exc)
+                with contextlib.suppress(Exception):  # cancelled or resolved meanwhile
+                    job.future.set_exception(exc)
 
     def _apply(self, jobs: list[_Job]) -> tuple[list[Any], int, dict[str, int]]:
         store = self._store

@@ -102,6 +102,8 @@ class Telemetry:
         self._open_streams = open_streams
         self._span_exporter = span_exporter
         self._extra_readers = list(metric_readers)
+        # ingest spans started at submit, by id of their batch, until acked
+        self._pending_ingest: dict[int, Any] = {}
         if self.enabled:
             for signal in ("TRACES", "METRICS"):
                 if _endpoint(env, signal):
@@ -205,6 +207,26 @@ class Telemetry:
 
     # -- ingest ----------------------------------------------------------
 
+    def begin_ingest(self, batch: events_pb2.EventBatch) -> Callable[[IngestResult], None] | None:
+        """At submit, in the caller's context: starts the batch's span. Its context
+        is remembered for the batch's sequence numbers on the writer thread at
+        commit, so a processor reading them next always continues this trace."""
+        i = self.instruments
+        if i is None:
+            return None
+        sp = i.tracer.start_span("ingest.batch")
+        pending = self._pending_ingest
+        pending[id(batch)] = sp
+        while len(pending) > 10_000:  # batches whose commit failed never finish
+            pending.pop(next(iter(pending))).end()
+        ctx = sp.get_span_context()
+
+        def on_commit(result: IngestResult) -> None:
+            if result.accepted:
+                ins.remember_ingest(result.first_seq, result.last_seq, ctx)
+
+        return on_commit
+
     def observe_ingest(
         self,
         batch: events_pb2.EventBatch,
@@ -225,13 +247,15 @@ class Telemetry:
         }
         if result is not None and result.accepted:
             attrs["first_seq"], attrs["last_seq"] = result.first_seq, result.last_seq
-        # Started and ended here, never made current: nothing runs inside it.
-        sp = i.tracer.start_span(
-            "ingest.batch", attributes=attrs, start_time=time.time_ns() - int(seconds * 1e9)
-        )
+        # Never made current: nothing runs inside it. Started at submit by
+        # begin_ingest when that hook is set (then remembered at commit).
+        sp = self._pending_ingest.pop(id(batch), None)
+        if sp is None:
+            sp = i.tracer.start_span("ingest.batch", start_time=time.time_ns() - int(seconds * 1e9))
+            if result is not None and result.accepted:
+                ins.remember_ingest(result.first_seq, result.last_seq, sp.get_span_context())
+        sp.set_attributes(attrs)
         sp.end()
-        if result is not None and result.accepted:
-            ins.remember_ingest(result.first_seq, result.last_seq, sp.get_span_context())
         if ack.accepted:
             i.ingest_events.add(ack.accepted, _ACCEPTED)
         if ack.duplicates:

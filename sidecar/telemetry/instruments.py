@@ -208,6 +208,9 @@ def install(instruments: Instruments) -> None:
     """Makes ``instruments`` the ones every helper uses (done by Telemetry.start)."""
     global _current
     _current = instruments
+    # Sequence numbers belong to one store: a new installation (a new app in
+    # the same process) must not continue traces of the previous one's log.
+    _ingested.clear()
 
 
 def uninstall(instruments: Instruments) -> None:
@@ -394,6 +397,14 @@ def ingest_contexts(first_seq: int, last_seq: int) -> list[SpanContext]:
             if len(out) > MAX_LINKS:
                 break
     return out
+
+
+def latest_ingest_context() -> otel_context.Context | None:
+    """A parent context for work caused by the newest ingest batch (a trigger
+    that fires on the data it brought), or None when none is remembered."""
+    if not _ingested:
+        return None
+    return trace.set_span_in_context(trace.NonRecordingSpan(_ingested[-1][2]))
 
 
 @contextlib.contextmanager

@@ -139,7 +139,10 @@ class ModelRegistry:
         self._store = store
         self._writer = writer
         self._base_version = base_version
-        self._stable_known = False
+        # the transaction in which a stable version was last seen: enough to
+        # skip the lookup for the rest of that batch, and only that batch (a
+        # batch that is aborted takes its write with it)
+        self._stable_seen_in: lmdb.Transaction | None = None
         self.on_registered: list[OnRegistered] = []
         self._waiters: dict[str, list[asyncio.Future[ModelRecord]]] = {}
 
@@ -160,13 +163,12 @@ class ModelRegistry:
 
     def observe_primary_version(self, txn: lmdb.Transaction, version: str) -> None:
         """Makes ``version`` stable when none is yet (writer thread)."""
-        if self._stable_known:
+        if self._stable_seen_in is txn:
             return
         meta = self._store.db("meta")
         if txn.get(STABLE_KEY, db=meta) is None:
             txn.put(STABLE_KEY, version.encode(), db=meta)
-        else:
-            self._stable_known = True
+        self._stable_seen_in = txn
 
     def stable_version_txn(self, txn: lmdb.Transaction) -> str | None:
         raw = txn.get(STABLE_KEY, db=self._store.db("meta"))

@@ -48,6 +48,7 @@ from sidecar.scoring import (
 )
 from sidecar.scoring._weights import current_weight_version
 from sidecar.store import Store, StoreWriter, append_history, read_history
+from sidecar.telemetry import instruments as ins
 from sidecar.training._composer import (
     BatchComposer,
     ComposeContext,
@@ -214,7 +215,14 @@ class TrainingStage:
         uid = decision.update_id
         started = time.monotonic()
         try:
-            outcome = await self._update(decision)
+            with ins.span(
+                "learning.update",
+                parent=decision.traceparent or None,
+                update_id=uid,
+                trigger=decision.trigger,
+                base_version=decision.base_version,
+            ):
+                outcome = await self._update(decision)
         except asyncio.CancelledError:
             await self._finish(
                 uid, ok=False, reason="cancelled: the daemon is shutting down", started=started
@@ -307,24 +315,26 @@ class TrainingStage:
         batch = await self.composer.compose(batch, ctx)
         with self._store.read() as txn:
             weight_version = current_weight_version(txn, self._store)
-        snapshot = await asyncio.to_thread(
-            write_snapshot,
-            self.datasets_dir,
-            uid,
-            batch,
-            trigger=decision.trigger,
-            reason=decision.reason,
-            base_version=decision.base_version,
-            created_ms=ctx.now_ms,
-            extra={
-                "weight_version": weight_version,
-                "sample_range": list(decision.sample_range),
-                "pair_range": list(decision.pair_range),
-                "quarantined_excluded": quarantined,
-                # what the composer steps report (selection, replay, holdout)
-                **ctx.extra,
-            },
-        )
+        with ins.span("learning.dataset", update_id=uid) as dataset_span:
+            snapshot = await asyncio.to_thread(
+                write_snapshot,
+                self.datasets_dir,
+                uid,
+                batch,
+                trigger=decision.trigger,
+                reason=decision.reason,
+                base_version=decision.base_version,
+                created_ms=ctx.now_ms,
+                extra={
+                    "weight_version": weight_version,
+                    "sample_range": list(decision.sample_range),
+                    "pair_range": list(decision.pair_range),
+                    "quarantined_excluded": quarantined,
+                    # what the composer steps report (selection, replay, holdout)
+                    **ctx.extra,
+                },
+            )
+            dataset_span.set_attribute("rows", snapshot.rows)
         await self._writer.run(
             lambda txn: append_history(
                 txn,
@@ -369,8 +379,10 @@ class TrainingStage:
         )
         waiter = self.registry.wait_for_update(uid)
         try:
-            spec = await hook.train(job)
-            version = await self._candidate(uid, spec, decision.base_version, waiter, job)
+            with ins.span("training.run", update_id=uid, hook=hook.name):
+                spec = await hook.train(job)
+                # registration (and an automatic rollout) continue this trace
+                version = await self._candidate(uid, spec, decision.base_version, waiter, job)
         finally:
             waiter.cancel()
         return UpdateOutcome(uid, True, "succeeded", snapshot, candidate=version)

@@ -354,3 +354,32 @@ async def test_processor_rounds_are_time_boxed_and_resume_exactly(tmp_path: Path
     finally:
         await writer.shutdown()
         store.close()
+
+
+async def test_a_caller_that_gives_up_does_not_stop_the_writer(tmp_path: Path) -> None:
+    store = Store(cfg(tmp_path))
+    store.open()
+    writer = StoreWriter(store, cfg(tmp_path))
+    await writer.start()
+    try:
+        gate = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow(txn: lmdb.Transaction) -> str:
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(5)
+            return "slow"
+
+        blocker = writer.submit(slow)
+        # queued behind the blocker; their callers give up before they run
+        abandoned = [asyncio.ensure_future(writer.run(lambda txn: "x")) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        for task in abandoned:
+            task.cancel()
+        gate.set()
+        assert await asyncio.wait_for(asyncio.wrap_future(blocker), 5) == "slow"
+        # the writer keeps serving
+        assert await writer.run(lambda txn: "after") == "after"
+        assert writer.submit_events(items("c", 3)).result(5).accepted == 3
+    finally:
+        await writer.shutdown()
+        store.close()

@@ -24,6 +24,7 @@ from sidecar.scoring import (
     score_feedback,
 )
 from sidecar.store import ProcessorRunner, Store, StoreWriter, encode_log_value, encode_u64
+from sidecar.training import ModelRegistry
 
 S = events_pb2.Signal
 WINDOW_MS = 10_000
@@ -69,10 +70,12 @@ class Harness:
             for ev in events:
                 self.seq += 1
                 self.proc.process(txn, self.seq, at_ms, ev)
+            self.proc.end_batch(txn)
 
     def close_all(self) -> None:
         with self.store.env.begin(write=True) as txn:
             self.proc._close_until(txn, 10**15)
+            self.proc.end_batch(txn)
 
     def samples(self) -> dict[str, Any]:
         with self.store.read() as txn:
@@ -281,3 +284,68 @@ async def test_bad_event_is_dead_lettered_and_the_rest_goes_on(store: Store) -> 
             assert {s.request_id for s in iter_samples(txn, store)} == {"a", "b"}
     finally:
         await writer.shutdown()
+
+
+def _views(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
+    out: dict[str, list[tuple[bytes, bytes]]] = {}
+    with store.read() as txn:
+        for name in ("samples", "pairs", "requests", "windows", "prompts", "meta"):
+            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=store.db(name))]
+            if name == "meta":
+                rows = [(k, v) for k, v in rows if k.startswith(b"scoring/")]
+            out[name] = rows
+    return out
+
+
+async def _run_log(tmp: Path, log: list[tuple[int, events_pb2.Event]], batch: int) -> Any:
+    st = Store(StoreConfig(data_dir=tmp, sync=False))
+    st.open()
+    rows = [
+        (encode_u64(i), encode_log_value(ms, ev.SerializeToString()))
+        for i, (ms, ev) in enumerate(log, start=1)
+    ]
+    with st.env.begin(write=True) as txn, txn.cursor(db=st.db("events")) as cur:
+        cur.putmulti(rows, append=True)
+    writer = StoreWriter(st, StoreConfig(data_dir=tmp, sync=False))
+    await writer.start()
+    try:
+        registry = ModelRegistry(st, writer)
+        proc = FeedbackProcessor(
+            st,
+            ScoringConfig(reward_window_seconds=0.01),
+            on_primary_version=registry.observe_primary_version,
+        )
+        runner = ProcessorRunner(st, writer, [proc], batch_events=batch)
+        while await runner.run_once():
+            pass
+        assert registry.stable_version() == "v1"  # learnt from the first PRIMARY answer
+        return runner.status(), _views(st)
+    finally:
+        await writer.shutdown()
+        st.close()
+
+
+async def test_a_failed_batch_retried_event_by_event_equals_one_event_batches(
+    tmp_path: Path,
+) -> None:
+    # The bad event comes after windows it closes (samples, pairs, counters,
+    # per-source statistics) were accumulated in memory for the batch: the
+    # retry must drop that state and rebuild it, not write it twice or lose it.
+    log: list[tuple[int, events_pb2.Event]] = []
+    t = 1_000
+    for i in range(12):
+        rid = f"r{i}"
+        log.append((t, inf(rid, prompt=f"p{i % 3}", response=f"a{i}", user_id="u1")))
+        if i % 2:
+            log.append((t + 1, fb(rid, rating=0.1 * i, user_id="u1")))
+        else:
+            log.append((t + 1, fb(rid, signal=S.EDIT, correction=f"better {i}")))
+        if i == 6:
+            log.append((t + 50, events_pb2.Event(event_id="no-payload")))
+        t += 20
+    log.append((t + 1_000, inf("last")))
+    batched_status, batched = await _run_log(tmp_path / "batched", log, batch=1000)
+    single_status, single = await _run_log(tmp_path / "single", log, batch=1)
+    assert batched_status["dead_letters"] == single_status["dead_letters"] == 1
+    assert batched["samples"] and batched["pairs"]
+    assert batched == single
