@@ -115,7 +115,7 @@ class ProcessorRunner:
         *,
         batch_events: int = 2000,
         tick_seconds: float = 1.0,
-        job_budget_seconds: float = 0.02,
+        job_budget_seconds: float = 0.005,
         min_interval_seconds: float = 0.05,
         max_duty: float = 0.5,
     ) -> None:
@@ -126,6 +126,8 @@ class ProcessorRunner:
         self._tick = tick_seconds
         # One writer job holds the writer (and every ingest ack behind it) for
         # at most this long; a backlog is worked off in several such jobs.
+        # Measured at 10,000 events/s: 20 ms gave an ack p99 of 74 ms, 5 ms of
+        # 37 ms, for about 15% less processing throughput. Acks come first.
         self._budget = job_budget_seconds
         # After catching up, wait at least this long before the next round so
         # that many small commits are processed in one job, not one job each.
