@@ -28,6 +28,7 @@ from pydantic import (
 from sidecar.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_SIGNAL_WEIGHTS",
     "ENV_PREFIX",
     "ActiveLearningConfig",
     "AdapterConfig",
@@ -48,6 +49,19 @@ __all__ = [
 ]
 
 ENV_PREFIX = "ATLAS_SIDECAR__"
+
+
+#: The seed's signal weights; thumbs and edits added for the contract's signals.
+DEFAULT_SIGNAL_WEIGHTS: Mapping[str, float] = {
+    "COPY": 0.8,
+    "SHARE": 0.9,
+    "RETRY": -0.3,
+    "DISMISS": -0.5,
+    "ENGAGE": 0.6,
+    "THUMBS_UP": 1.0,
+    "THUMBS_DOWN": -1.0,
+    "EDIT": -0.2,
+}
 
 
 class _Section(BaseModel):
@@ -171,18 +185,7 @@ class ScoringConfig(_Section):
     # Implicit signal weights (seed defaults; THUMBS_UP/DOWN and EDIT added for
     # the contract's signals). Changing any weight creates a new weight
     # version; `atlas-sidecar reprocess` recomputes old scores with it.
-    signal_weights: dict[str, float] = Field(
-        default_factory=lambda: {
-            "COPY": 0.8,
-            "SHARE": 0.9,
-            "RETRY": -0.3,
-            "DISMISS": -0.5,
-            "ENGAGE": 0.6,
-            "THUMBS_UP": 1.0,
-            "THUMBS_DOWN": -1.0,
-            "EDIT": -0.2,
-        }
-    )
+    signal_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SIGNAL_WEIGHTS))
     # Share of the explicit rating vs the implicit signals when both exist.
     explicit_weight: float = Field(default=0.5, ge=0)
     implicit_weight: float = Field(default=0.5, ge=0)

@@ -33,6 +33,7 @@ import lmdb
 from atlas_sidecar_client import uuid7
 from atlas_sidecar_client.pb import control_pb2, control_pb2_grpc
 
+from sidecar._aio import cancel_and_wait
 from sidecar.config import ControlConfig
 from sidecar.control._plane import DesiredState
 from sidecar.control._state import (
@@ -221,10 +222,7 @@ class ControlChannel:
         """Ends streams and stops the retry timer. Safe before start and twice."""
         self.drain()
         task, self._retry_task = self._retry_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     # -- ControlPlane ----------------------------------------------------------
 

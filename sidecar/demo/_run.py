@@ -35,23 +35,12 @@ from typing import IO, Any
 import yaml
 
 from sidecar.demo._report import VersionSummary, build_report, read_user_stats, write_report
+from sidecar.rollout._record import state_name
 from sidecar.testing import DaemonProcess
 
 __all__ = ["DemoSettings", "run_demo"]
 
 _MARKER = "atlas-demo.json"
-_STATES = {
-    0: "UNSPECIFIED",
-    1: "PENDING",
-    2: "VALIDATING",
-    3: "SHADOW",
-    4: "CANARY",
-    5: "BLUE_GREEN",
-    6: "PROMOTED",
-    7: "ROLLED_BACK",
-    8: "ABORTED",
-    9: "PAUSED",
-}
 _TERMINAL = {"PROMOTED", "ROLLED_BACK", "ABORTED"}
 
 
@@ -428,14 +417,14 @@ def _rollout_dict(r: Any) -> dict[str, Any]:
         "rollout_id": r.rollout_id,
         "candidate_version": r.candidate_version,
         "stable_version": r.stable_version,
-        "state": _STATES.get(int(r.state), str(r.state)),
+        "state": state_name(int(r.state)),
         "stage_index": int(r.stage_index),
         "candidate_weight_bps": int(r.candidate_weight_bps),
         "updated": r.updated_at.ToNanoseconds() / 1e9,
         "transitions": [
             {
-                "from": _STATES.get(int(t.from_state), str(t.from_state)),
-                "to": _STATES.get(int(t.to_state), str(t.to_state)),
+                "from": state_name(int(t.from_state)),
+                "to": state_name(int(t.to_state)),
                 "stage": int(t.stage_index),
                 "reason": t.reason,
             }

@@ -9,19 +9,6 @@ from typing import Any
 
 __all__ = ["register"]
 
-_STATE = {
-    0: "UNSPECIFIED",
-    1: "PENDING",
-    2: "VALIDATING",
-    3: "SHADOW",
-    4: "CANARY",
-    5: "BLUE_GREEN",
-    6: "PROMOTED",
-    7: "ROLLED_BACK",
-    8: "ABORTED",
-    9: "PAUSED",
-}
-
 
 def _setup(p: argparse.ArgumentParser) -> None:
     p.description = "Start, promote, abort, roll back and list rollouts of a running daemon."
@@ -49,11 +36,13 @@ def _setup(p: argparse.ArgumentParser) -> None:
 
 
 def _row(r: Any) -> dict[str, Any]:
+    from sidecar.rollout._record import state_name
+
     return {
         "rollout_id": r.rollout_id,
         "candidate": r.candidate_version,
         "stable": r.stable_version,
-        "state": _STATE.get(r.state, str(r.state)),
+        "state": state_name(r.state),
         "stage_index": r.stage_index,
         "candidate_weight_bps": r.candidate_weight_bps,
         "reason": r.transitions[-1].reason if r.transitions else "",

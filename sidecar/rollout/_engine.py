@@ -15,7 +15,6 @@ deadline is inconclusive and rolls back or pauses, by configuration.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
@@ -27,6 +26,7 @@ import lmdb
 import numpy as np
 from atlas_sidecar_client import uuid7
 
+from sidecar._aio import cancel_and_wait
 from sidecar.config import CanaryConfig, RolloutConfig
 from sidecar.control import ControlPlane, DesiredState, RouteSpec, ShadowSpec
 from sidecar.rollout._analysis import CanaryJudge, SequentialJudge, TrafficBatch
@@ -151,10 +151,7 @@ class RolloutEngine:
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

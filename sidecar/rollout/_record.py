@@ -125,3 +125,11 @@ class RolloutRecord:
                 for t in self.transitions
             ],
         )
+
+
+def state_name(value: int) -> str:
+    """``RolloutState`` value -> its short name (``CANARY``), for people and JSON."""
+    try:
+        return admin_pb2.RolloutState.Name(value).removeprefix("ROLLOUT_STATE_")  # type: ignore[arg-type]
+    except ValueError:
+        return str(value)

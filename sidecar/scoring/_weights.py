@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import lmdb
 from atlas_sidecar_client.pb import events_pb2
 
+from sidecar.config import DEFAULT_SIGNAL_WEIGHTS
 from sidecar.store import Store, decode_u64, encode_u64
 
 __all__ = [
@@ -36,18 +37,6 @@ __all__ = [
 
 S = events_pb2.Signal
 _SIGNAL_NAMES: dict[int, str] = {int(v): k for k, v in S.items()}
-
-#: The seed's defaults; thumbs and edits added for the contract's signals.
-DEFAULT_SIGNAL_WEIGHTS: Mapping[str, float] = {
-    "COPY": 0.8,
-    "SHARE": 0.9,
-    "RETRY": -0.3,
-    "DISMISS": -0.5,
-    "ENGAGE": 0.6,
-    "THUMBS_UP": 1.0,
-    "THUMBS_DOWN": -1.0,
-    "EDIT": -0.2,
-}
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Protocol
 import lmdb
 from atlas_sidecar_client.pb import events_pb2
 
+from sidecar._aio import cancel_and_wait
 from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
 from sidecar.store._retention import CURSOR_PREFIX
@@ -158,10 +159,7 @@ class ProcessorRunner:
     async def shutdown(self) -> None:
         task, self._task = self._task, None
         self._stopping = True
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     def _on_commit(self, last_seq: int) -> None:
         loop = self._loop

@@ -11,7 +11,6 @@ when it is older than ``dedupe_window_seconds`` or when its event is trimmed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 import lmdb
 
+from sidecar._aio import cancel_and_wait
 from sidecar.config import StoreConfig
 from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
@@ -131,10 +131,7 @@ class Retention:
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def run_once(self) -> TrimResult:
         """Trims until nothing is left to trim; returns the totals."""

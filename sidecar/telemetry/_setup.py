@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sidecar import __version__
+from sidecar._aio import cancel_and_wait
 from sidecar.config import TelemetryConfig
 from sidecar.errors import ConfigError
 from sidecar.store import IngestResult, ProcessorRunner, Store, StoreWriter, read_history
@@ -169,10 +170,7 @@ class Telemetry:
         if self.traffic is not None:
             await self.traffic.shutdown()
         task, self._history_task = self._history_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self.instruments is not None:
             ins.uninstall(self.instruments)
         tp, self.tracer_provider = self.tracer_provider, None

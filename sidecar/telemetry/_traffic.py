@@ -30,6 +30,7 @@ from typing import Any
 import lmdb
 from atlas_sidecar_client.pb import events_pb2
 
+from sidecar._aio import cancel_and_wait
 from sidecar.config import TelemetryConfig
 from sidecar.scoring import WeightTable, score_feedback
 from sidecar.store import (
@@ -143,10 +144,7 @@ class TrafficView:
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     def _on_commit(self, last_seq: int) -> None:
         self._last_commit = time.monotonic()

@@ -32,6 +32,7 @@ import grpc
 import lmdb
 from atlas_sidecar_client.pb import admin_pb2
 
+from sidecar._aio import cancel_and_wait
 from sidecar.config import SidecarConfig
 from sidecar.errors import SidecarError
 from sidecar.learning import Decision, HoldoutSet, LearningScheduler
@@ -158,10 +159,7 @@ class TrainingStage:
         """Stops evaluating; a running trainer is killed and its run recorded
         as failed. Safe before start and twice."""
         task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         upd, self._update_task = self._update_task, None
         if upd is not None and not upd.done():
             upd.cancel()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
 from atlas_sidecar_client import ControlLoop
 
+from sidecar._aio import cancel_and_wait
 from sidecar.config import AdapterConfig
 from sidecar.control.adapters._base import AdapterError, ModelServerAdapter
 from sidecar.control.adapters._triton import TritonRepositoryAdapter
@@ -58,10 +58,7 @@ class AdapterStage:
     async def shutdown(self) -> None:
         """Safe before start and twice."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self._adapter is not None:
             await self._adapter.close()
 
