@@ -356,8 +356,22 @@ def test_restarts_mid_canary_resume_and_converge(tmp_path: Path, procs: list[Any
         return r if ok else None
 
     # kill -9 the sidecar mid-canary, restart it on the same port and data.
-    before = poll(lambda: at_stage(1), "canary stage 1")
-    desired_before = admin.details()["control"]["desired_revision"]
+    def settled() -> tuple[admin_pb2.Rollout, int] | None:
+        # A transition is stored just before its split reaches the control
+        # channel: take the two together only when neither moved for a while.
+        first = at_stage(1)
+        if first is None:
+            return None
+        desired = admin.details()["control"]["desired_revision"]
+        time.sleep(0.3)
+        again = admin.rollout(rid)
+        if list(again.transitions) != list(first.transitions):
+            return None
+        if admin.details()["control"]["desired_revision"] != desired:
+            return None
+        return again, desired
+
+    before, desired_before = poll(settled, "canary stage 1, settled")
     daemon.kill()
     daemon = DaemonProcess(data, port=daemon.port, config=config).start()
     procs.append(daemon)
