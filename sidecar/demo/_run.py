@@ -22,12 +22,10 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,7 +34,7 @@ import yaml
 
 from sidecar.demo._report import VersionSummary, build_report, read_user_stats, write_report
 from sidecar.rollout._record import state_name
-from sidecar.testing import DaemonProcess
+from sidecar.testing import DaemonProcess, ReadyProcess
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -186,49 +184,6 @@ def sidecar_config(settings: DemoSettings, models_dir: Path) -> dict[str, Any]:
         if kept:
             out[section] = kept
     return out
-
-
-class _Child:
-    """A helper process that prints a JSON ``{"event": "ready"}`` line when it serves."""
-
-    def __init__(self, name: str, argv: Sequence[str], log: Path, env: Mapping[str, str]):
-        self.name = name
-        self.log_path = log
-        self._log: IO[bytes] = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            list(argv), stdout=subprocess.PIPE, stderr=self._log, env=dict(env)
-        )
-        self.ready: dict[str, Any] = {}
-
-    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.wait(5)} before it was ready; "
-                    f"log: {self.log_path}\n{self.log_path.read_text()[-2000:]}"
-                )
-            with contextlib.suppress(ValueError):
-                msg = json.loads(line)
-                if isinstance(msg, dict) and msg.get("event") == "ready":
-                    self.ready = msg
-                    return msg
-        raise TimeoutError(f"{self.name} was not ready in {timeout}s; log: {self.log_path}")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-        return rc
 
 
 @dataclass
@@ -574,7 +529,7 @@ def run_demo(
     daemon = DaemonProcess(
         root / "sidecar", config=config_path, env=env, log_path=root / "sidecar.log"
     )
-    children: list[_Child] = []
+    children: list[ReadyProcess] = []
     started = time.time()
     mon: _Monitor | None = None
     ok = False
@@ -585,7 +540,7 @@ def run_demo(
         daemon.start()
         dashboard = f"{daemon.http_url}/dashboard"
         print(f"  sidecar  gRPC {daemon.target}   dashboard {dashboard}", flush=True)
-        server = _Child(
+        server = ReadyProcess(
             "server",
             [
                 sys.executable,
@@ -604,11 +559,11 @@ def run_demo(
             env,
         )
         children.append(server)
-        port = server.wait_ready()["port"]
+        port = server.start()["port"]
         server_url = f"http://127.0.0.1:{port}"
         print(f"  server   {server_url}  (reference inference server)", flush=True)
         stats = root / "users.jsonl"
-        users = _Child(
+        users = ReadyProcess(
             "users",
             [
                 sys.executable,
@@ -627,7 +582,7 @@ def run_demo(
             env,
         )
         children.append(users)
-        users.wait_ready()
+        users.start()
         print(f"  users    {settings.rate:g} questions/s, seed {settings.seed}", flush=True)
         mon = _Monitor(daemon.target, server_url, stats, models_dir)
         mon.started = started
@@ -674,7 +629,7 @@ def run_demo(
                 )
                 break
             for child in children:
-                if child.proc.poll() is not None:
+                if child.proc is None or child.proc.poll() is not None:
                     verdict = f"the {child.name} process exited early; see {child.log_path}"
                     break
             if verdict:

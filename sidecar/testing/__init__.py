@@ -2,7 +2,7 @@
 model servers for the control adapters (a vLLM-compatible LoRA API, a real MLServer)."""
 
 from sidecar.testing._control import FakeControlPlane, SentProbe
-from sidecar.testing._daemon import DaemonProcess, free_port
+from sidecar.testing._daemon import DaemonProcess, ReadyProcess, free_port
 from sidecar.testing._mlserver import MLSERVER_REQUIREMENTS, MLServerProcess, ensure_mlserver_venv
 from sidecar.testing._vllm import FakeVllmServer
 
@@ -12,6 +12,7 @@ __all__ = [
     "FakeControlPlane",
     "FakeVllmServer",
     "MLServerProcess",
+    "ReadyProcess",
     "SentProbe",
     "ensure_mlserver_venv",
     "free_port",

@@ -14,13 +14,91 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["DaemonProcess", "free_port"]
+__all__ = ["DaemonProcess", "ReadyProcess", "free_port"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class ReadyProcess:
+    """A child process that prints one JSON line ``{"event": "ready", ...}`` on
+    stdout once it serves (the daemon, the demo's server and users do).
+
+    ``start()`` waits for that line and returns it; ``stop()`` sends SIGTERM and
+    waits (SIGKILL after ``timeout``); ``kill()`` is the crash case.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: str | os.PathLike[str],
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = Path(log_path)
+        self.env = dict(os.environ if env is None else env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready: dict[str, Any] = {}
+        self._log: IO[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> dict[str, Any]:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=self._log, env=self.env
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                rc = self.proc.wait(5)
+                raise RuntimeError(
+                    f"{self.name} exited with {rc} before it was ready; log: {self.log_path}\n"
+                    + self.log_path.read_text()[-3000:]
+                )
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("event") == "ready":
+                self.ready = msg
+                return msg
+        self.kill()
+        raise TimeoutError(f"{self.name} was not ready in {timeout}s; log: {self.log_path}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait; returns the exit code (SIGKILL after ``timeout``)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._close()
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 class DaemonProcess:
@@ -52,7 +130,7 @@ class DaemonProcess:
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready: dict[str, Any] = {}
-        self._log: IO[bytes] | None = None
+        self._child: ReadyProcess | None = None
 
     @property
     def target(self) -> str:
@@ -80,57 +158,21 @@ class DaemonProcess:
         return argv + self.extra_args
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.PIPE, stderr=self._log, env=env)
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                rc = self.proc.wait(5)
-                raise RuntimeError(
-                    f"daemon exited with {rc} before serving; log: {self.log_path}\n"
-                    + self.log_path.read_text()[-3000:]
-                )
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if msg.get("event") == "ready":
-                self.ready = msg
-                return self
-        self.kill()
-        raise TimeoutError(f"daemon did not become ready in {timeout}s; log: {self.log_path}")
+        self._child = ReadyProcess("daemon", self.argv(), self.log_path, {**os.environ, **self.env})
+        try:
+            self.ready = self._child.start(timeout)
+        finally:
+            self.proc = self._child.proc
+        return self
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait; returns the exit code."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self._close()
-        return rc
+        return self._child.stop(timeout) if self._child is not None else 0
 
     def kill(self) -> None:
         """SIGKILL: the crash case."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._close()
-
-    def _close(self) -> None:
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self._child is not None:
+            self._child.kill()
 
     def __enter__(self) -> DaemonProcess:
         return self.start()
