@@ -26,6 +26,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
+import gc
 import json
 import logging
 import time
@@ -261,7 +262,7 @@ class ProcessorRunner:
         self._ingest_active = events != self._events_at_last_round
         self._events_at_last_round = events
         started = time.perf_counter()
-        job: Callable[[lmdb.Transaction], tuple[bool, dict[str, tuple[int, int]]]] = self._apply_all
+        job: Callable[[lmdb.Transaction], tuple[bool, dict[str, tuple[int, int]]]] = self._round
         more, done = await self._writer.run(ins.carry(job))
         elapsed = time.perf_counter() - started
         self._last_round_seconds = elapsed
@@ -269,6 +270,20 @@ class ProcessorRunner:
             self.stats[name].last_batch_seconds = elapsed
             ins.processor_batch(name, n, elapsed)
         return more
+
+    def _round(self, txn: lmdb.Transaction) -> tuple[bool, dict[str, tuple[int, int]]]:
+        # The cyclic garbage collector is paused for the round (at most a few
+        # budgets long): processors allocate and free many small documents, all
+        # freed by reference counting, and the collections they would set off
+        # walk every young object for nothing. Measured: about 10% of the
+        # processing time. Collection resumes, and catches up, after the round.
+        if not gc.isenabled():
+            return self._apply_all(txn)
+        gc.disable()
+        try:
+            return self._apply_all(txn)
+        finally:
+            gc.enable()
 
     def _apply_all(self, txn: lmdb.Transaction) -> tuple[bool, dict[str, tuple[int, int]]]:
         """On the writer thread: one round of every processor within the budget.
