@@ -25,12 +25,13 @@ from atlas_sidecar_client.pb import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sidecar._compiled import compiled_reason
 from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
 from sidecar.config import SidecarConfig
 from sidecar.control import ControlChannel
 from sidecar.control.adapters import AdapterStage
 from sidecar.errors import PortInUseError
-from sidecar.ingest import IngestServicer, python_decoder_reason
+from sidecar.ingest import IngestServicer
 from sidecar.learning import (
     ActiveLearner,
     ActiveLearningServicer,
@@ -358,8 +359,7 @@ class SidecarApp:
         self.ingest.add_to_server(server)
         if self.ingest.decoder.path == "python":
             log.warning(
-                "ingest runs the pure-Python decoder (slower)",
-                extra={"reason": python_decoder_reason()},
+                "ingest runs its pure-Python path (slower)", extra={"reason": compiled_reason()}
             )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
         active_learning_pb2_grpc.add_ActiveLearningServiceServicer_to_server(

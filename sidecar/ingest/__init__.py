@@ -1,20 +1,16 @@
 """IngestService: validate, dedupe, hand batches to the writer, ack when durable."""
 
 from sidecar.ingest._decode import (
-    DECODER_ENV,
     NOT_AN_EVENT,
     BatchDecodeError,
     BatchDecoder,
     DecodedBatch,
-    compiled_available,
-    python_decoder_reason,
     split_batch,
 )
 from sidecar.ingest._service import BatchInfo, BatchObserver, BatchStart, IngestServicer
 from sidecar.ingest._validate import EventValidator
 
 __all__ = [
-    "DECODER_ENV",
     "NOT_AN_EVENT",
     "BatchDecodeError",
     "BatchDecoder",
@@ -24,7 +20,5 @@ __all__ = [
     "DecodedBatch",
     "EventValidator",
     "IngestServicer",
-    "compiled_available",
-    "python_decoder_reason",
     "split_batch",
 ]

@@ -5,8 +5,8 @@ wire format without building protobuf objects and hands back each valid
 event's bytes exactly as the client sent them; it leaves any encoding it does
 not handle itself to the Python path, event by event. The Python path parses
 with protobuf (upb) and checks with :class:`EventValidator`, the reference.
-When the extension is missing (or ``ATLAS_SIDECAR_INGEST_DECODER=python``),
-the Python path does everything.
+When the extension is missing (or ``ATLAS_SIDECAR_PURE_PYTHON=1``, see
+``sidecar/_compiled.py``), the Python path does everything.
 
 An event that is not a valid ``Event`` (its bytes do not parse, or a string
 field is not valid UTF-8) is rejected alone. A message that is not an
@@ -16,59 +16,27 @@ field is not valid UTF-8) is rejected alone. A message that is not an
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 from atlas_sidecar_client.pb import events_pb2
 from google.protobuf.message import DecodeError
 
+from sidecar._compiled import compiled_decoder, compiled_reason
 from sidecar.config import IngestConfig
 from sidecar.errors import SidecarError
 from sidecar.ingest._validate import EventValidator
 
 __all__ = [
-    "DECODER_ENV",
     "NOT_AN_EVENT",
     "BatchDecodeError",
     "BatchDecoder",
     "DecodedBatch",
-    "compiled_available",
-    "python_decoder_reason",
     "split_batch",
 ]
 
-log = logging.getLogger(__name__)
-
-#: Environment switch: ``python`` forces the pure-Python path (for tests and
-#: for ruling the extension out); anything else uses the compiled path when
-#: it was built.
-DECODER_ENV = "ATLAS_SIDECAR_INGEST_DECODER"
 #: Start of the reason of an event whose bytes are not a valid Event.
 NOT_AN_EVENT = "event: not a valid Event message"
-
-try:
-    from sidecar.ingest import _fastpath
-except ImportError as exc:  # not built (no compiler at install time)
-    _fastpath = None  # type: ignore[assignment]
-    _IMPORT_ERROR: str | None = str(exc)
-else:
-    _IMPORT_ERROR = None
-
-
-def compiled_available() -> bool:
-    """Whether the compiled path was built and imports."""
-    return _fastpath is not None
-
-
-def python_decoder_reason() -> str:
-    """Why a decoder built now would take the Python path ("" if it would not)."""
-    if _fastpath is None:
-        return f"the compiled ingest path is not built ({_IMPORT_ERROR})"
-    if os.environ.get(DECODER_ENV, "") == "python":
-        return f"{DECODER_ENV}=python"
-    return ""
 
 
 class BatchDecodeError(SidecarError, ValueError):
@@ -90,16 +58,15 @@ class BatchDecoder:
     """Splits and validates EventBatch messages under the configured limits."""
 
     def __init__(self, config: IngestConfig, *, compiled: bool | None = None) -> None:
-        """``compiled``: None picks the compiled path when it is available and
-        not switched off by ``ATLAS_SIDECAR_INGEST_DECODER=python``; True
-        requires it (ImportError otherwise); False forces the Python path."""
+        """``compiled``: None takes the compiled path when it is built and not
+        switched off (``sidecar/_compiled.py``); True requires it (ImportError
+        otherwise); False takes the Python path."""
         self._validator = EventValidator(config)
-        if compiled is None:
-            compiled = _fastpath is not None and os.environ.get(DECODER_ENV, "") != "python"
-        if compiled and _fastpath is None:
-            raise ImportError(f"the compiled ingest path is not built: {_IMPORT_ERROR}")
+        native = compiled_decoder() if compiled is not False else None
+        if compiled and native is None:
+            raise ImportError(compiled_reason())
         self._fast = (
-            _fastpath.BatchDecoder(
+            native(
                 max_id_bytes=config.max_id_bytes,
                 max_text_bytes=config.max_text_bytes,
                 max_attributes=config.max_attributes,
@@ -109,7 +76,7 @@ class BatchDecoder:
                 roles=sorted(events_pb2.Role.values()),
                 signals=sorted(events_pb2.Signal.values()),
             )
-            if compiled and _fastpath is not None
+            if native is not None
             else None
         )
 

@@ -93,8 +93,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
     def status(self) -> dict[str, Any]:
-        """``compiled`` or ``python``: which path decodes batches."""
-        return {"decoder": self.decoder.path}
+        """``path``: ``compiled`` or ``python``, which path decodes batches."""
+        return {"path": self.decoder.path}
 
     def add_observer(self, observer: BatchObserver) -> None:
         self._observers.append(observer)

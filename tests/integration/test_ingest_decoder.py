@@ -1,5 +1,5 @@
 """Requests as bytes through the real gRPC stack: broken messages, invalid
-UTF-8, and the pure-Python decoder (ATLAS_SIDECAR_INGEST_DECODER=python)."""
+UTF-8, and the pure-Python path (ATLAS_SIDECAR_PURE_PYTHON=1)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 from atlas_sidecar_client.pb import events_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sidecar._compiled import PURE_PYTHON_ENV, compiled_decoder, compiled_reason, row_builder
 from sidecar.app import SidecarApp
-from sidecar.ingest import DECODER_ENV, NOT_AN_EVENT, compiled_available
-from sidecar.store import decode_log_value
+from sidecar.ingest import NOT_AN_EVENT
+from sidecar.store import append_rows, decode_log_value
 from tests.conftest import feedback, inference, target_of
 
 RECORD = "/atlas.sidecar.v1.IngestService/RecordEvents"
@@ -80,27 +81,29 @@ async def check_bad_input(app: SidecarApp, utf8_reason: str) -> None:
         assert app.status_dict()["events"] == {"accepted": 4, "duplicates": 0, "rejected": 1}
 
 
-@pytest.mark.skipif(not compiled_available(), reason="the compiled ingest path is not built")
-async def test_compiled_decoder_rejects_bad_events_alone_and_broken_batches(
+@pytest.mark.skipif(compiled_decoder() is None, reason=compiled_reason())
+async def test_compiled_path_rejects_bad_events_alone_and_broken_batches(
     app: SidecarApp,
 ) -> None:
-    assert app.status_dict()["details"]["ingest"] == {"decoder": "compiled"}
+    assert app.status_dict()["details"]["ingest"] == {"path": "compiled"}
+    assert app.writer._rows is row_builder()
     await check_bad_input(app, "inference.prompt: invalid UTF-8")
 
 
-async def test_python_decoder_when_switched_on(
+async def test_pure_python_path_when_switched_on(
     app_factory: Callable[..., Any],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setenv(DECODER_ENV, "python")
+    monkeypatch.setenv(PURE_PYTHON_ENV, "1")
     with caplog.at_level(logging.WARNING, logger="sidecar.app"):
         app = await app_factory()
     try:
-        assert app.status_dict()["details"]["ingest"] == {"decoder": "python"}
-        warnings = [r for r in caplog.records if "pure-Python decoder" in r.getMessage()]
+        assert app.status_dict()["details"]["ingest"] == {"path": "python"}
+        assert app.writer._rows is append_rows
+        warnings = [r for r in caplog.records if "pure-Python path" in r.getMessage()]
         assert len(warnings) == 1
-        assert DECODER_ENV in str(getattr(warnings[0], "reason", ""))
+        assert PURE_PYTHON_ENV in str(getattr(warnings[0], "reason", ""))
         await check_bad_input(app, NOT_AN_EVENT)
     finally:
         await app.shutdown()

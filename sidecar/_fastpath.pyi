@@ -1,4 +1,4 @@
-"""Types of the compiled ingest path (sidecar/ingest/_fastpath.c)."""
+"""Types of the compiled ingest path (sidecar/_fastpath.c)."""
 
 from collections.abc import Sequence
 
@@ -25,3 +25,8 @@ class BatchDecoder:
     ) -> None: ...
     def decode(self, data: bytes, /) -> tuple[Items, Rejected, Slow, int] | None:
         """Raises ValueError naming the byte offset when the framing is broken."""
+
+def append_rows(
+    items: Sequence[tuple[bytes, bytes]], first_seq: int, now_ms: int, /
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """The writer's dedupe rows and log rows for ``items`` (see _writer.py)."""
