@@ -73,11 +73,16 @@ typedef struct {
 
 /* Canonical varints only: padded ones (a trailing 0x00 byte) and 10-byte ones
  * whose last byte carries more than bit 63 are left to upb. */
-static status_t
+static inline status_t
 rd_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
 {
     const uint8_t *p = *pp;
     uint64_t v = 0;
+    if (p < end && *p < 0x80) { /* one byte: tags, lengths and enums, mostly */
+        *out = *p;
+        *pp = p + 1;
+        return ST_OK;
+    }
     for (int i = 0; i < 10; i++) {
         if (p >= end)
             return ST_BAD;
