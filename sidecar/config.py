@@ -575,6 +575,15 @@ class RolloutConfig(_Section):
     regression_pool: int = Field(default=500, ge=1)
     # A PRIMARY answer joins the regression pool when its reward reaches this.
     regression_min_reward: float = Field(default=0.75, ge=0, le=1)
+    # Feedback on a rollout's request counts for the arm that served it when
+    # it arrives within this long (log time) of the request, across restarts.
+    # Longer counts slow feedback too; shorter keeps fewer requests in memory
+    # and in the store.
+    feedback_window_seconds: float = Field(default=3600.0, gt=0)
+    # Most recent rollout requests whose serving arm is remembered (memory
+    # and store, about 100 bytes each); feedback on older ones is not
+    # counted. Raise it with the request rate times the feedback delay.
+    feedback_join_capacity: int = Field(default=100_000, ge=1)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
     canary: CanaryConfig = Field(default_factory=CanaryConfig)
