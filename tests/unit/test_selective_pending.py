@@ -145,6 +145,24 @@ def test_selective_pending_is_bounded_by_count_and_age(store: Store) -> None:
         assert comp._selective.pending_count(txn) == len(left_out - too_old)
 
 
+def test_selective_pending_sample_not_offered_again_is_dropped(store: Store) -> None:
+    """A pending sample that a step before this one dropped (its source was
+    quarantined since, say) leaves the index instead of waiting forever."""
+    comp = _composer(store, max_batch_samples=2)
+    first = _samples(1, 6)
+    with store.write_txn() as txn:
+        comp.compose(txn, first, update_id="u1")
+        pending = comp.pending_samples(txn)
+    assert len(pending) == 4
+    gone = pending[0][1]
+    offered = [s for s in first if s.sample_id in {sid for _, sid in pending} - {gone}]
+    with store.write_txn() as txn:
+        batch = comp.compose(txn, offered, update_id="u2")
+        left = {sid for _, sid in comp.pending_samples(txn)}
+        assert comp._selective.pending_count(txn) == len(left) == 1
+    assert gone not in left and gone not in {r.sample_id for r in batch.new}
+
+
 def test_selective_nothing_waits_without_a_batch_cap_or_with_pending_off(store: Store) -> None:
     by_no: dict[int, CandidateSample] = {}
     comp = _composer(store, max_batch_samples=0, value_threshold=0.5)
