@@ -259,6 +259,10 @@ class SidecarApp:
                 default_task=config.memory.default_task,
             )
         )
+        # Good samples a full batch left out (selective.max_batch_samples)
+        # stay pending: the step offers them again with the next batch, and
+        # the scheduler counts them as pending.
+        self.scheduler.carried = self.selective.pending_count
 
         # -- learning <-> rollout ---------------------------------------------
         # No update while a rollout runs; a registered candidate may start a
