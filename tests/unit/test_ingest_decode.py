@@ -12,6 +12,7 @@ because it does not parse). It must never crash on arbitrary bytes.
 from __future__ import annotations
 
 import math
+import os
 import struct
 
 import pytest
@@ -20,7 +21,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sidecar._compiled import compiled_decoder, compiled_reason, row_builder
+from sidecar._compiled import PURE_PYTHON_ENV, compiled_decoder, compiled_reason, row_builder
 from sidecar.config import IngestConfig
 from sidecar.ingest import (
     NOT_AN_EVENT,
@@ -32,8 +33,18 @@ from sidecar.ingest import (
 )
 from sidecar.store import append_rows
 
-# make install builds the extension; without it these tests have nothing to compare
-pytestmark = pytest.mark.skipif(compiled_decoder() is None, reason=compiled_reason())
+# make install builds the extension. Not built is a failure here (a broken
+# build must not pass quietly); only an explicit ATLAS_SIDECAR_PURE_PYTHON=1
+# leaves these comparisons out.
+pytestmark = pytest.mark.skipif(
+    compiled_decoder() is None and os.environ.get(PURE_PYTHON_ENV) is not None,
+    reason=compiled_reason(),
+)
+
+
+def test_the_compiled_path_is_built() -> None:
+    assert compiled_decoder() is not None, compiled_reason()
+
 
 # Small limits make "over the limit" cheap to generate.
 SMALL = IngestConfig(
