@@ -191,7 +191,8 @@ class SidecarApp:
         # Others plug in here: the rollout engine sets
         # ``scheduler.rollout_active`` and appends to ``registry.on_registered``;
         # selective learning and memory append steps to ``training.composer``
-        # (a ComposerChain) and may listen to ``scoring.sample_listeners``.
+        # (a ComposerChain) and may listen to ``scoring.sample_listeners`` (or
+        # ``sample_document_listeners``, which skip building a Sample per answer).
         lcfg = config.learning
         self.registry = ModelRegistry(
             self.store, self.writer, base_version=config.training.base_version
@@ -248,7 +249,9 @@ class SidecarApp:
         # memory replayed at exactly memory.replay_ratio and consolidated
         # from the samples trained on. Exports skip the holdout as well
         # (TrainingStage.export, atlas-sidecar export).
-        self.scoring.sample_listeners.append(HoldoutAtCuration.for_config(self.holdout, config))
+        self.scoring.sample_document_listeners.append(
+            HoldoutAtCuration.for_config(self.holdout, config).on_document
+        )
         training_chain = self.training.composer
         if not isinstance(training_chain, ComposerChain):
             raise TypeError("training.composer must be a ComposerChain to add the replay step")

@@ -197,6 +197,14 @@ class ScoringConfig(_Section):
     # that came first waits for its answer). Longer catches slow users but
     # delays training data and holds more open requests in the store.
     reward_window_seconds: float = Field(default=600.0, gt=0)
+    # How long (log time) a closed request is remembered after its window
+    # closed: a retry naming it forms a retry pair, late feedback on it is
+    # counted as late and a resent answer as a duplicate. After that its
+    # record (about 60 bytes) is dropped, so the requests database holds
+    # about this many seconds of traffic: longer remembers older requests,
+    # shorter keeps the store smaller. Feedback on a forgotten request is
+    # dropped as an orphan; an answer resent under its id is scored again.
+    closed_request_retention_seconds: float = Field(default=86400.0, gt=0)
     # Dwell time at or above this counts as an ENGAGE signal (0 disables).
     dwell_engage_ms: int = Field(default=10_000, ge=0)
     # Reward at or above which a sample is trained on as SFT (and labelled

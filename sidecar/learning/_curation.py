@@ -1,6 +1,8 @@
 """What happens when the scoring processor curates a sample: the holdout decision.
 
-:class:`HoldoutAtCuration` is a ``FeedbackProcessor`` sample listener. It runs
+:class:`HoldoutAtCuration` is a ``FeedbackProcessor`` sample listener (its
+``on_document`` takes the stored sample document, so no ``Sample`` is built
+per scored answer on the processing path). It runs
 on the writer thread inside the transaction that stores the sample, so a
 good sample's holdout decision is made exactly when the sample first exists
 and is as durable as the sample itself; a replay of the log (after a crash
@@ -16,6 +18,7 @@ memory for every curated sample.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lmdb
@@ -72,17 +75,54 @@ class HoldoutAtCuration:
         self.held = 0
 
     def __call__(self, txn: lmdb.Transaction, sample: Any) -> None:
+        """A ``SampleListener``: takes a :class:`~sidecar.scoring.Sample`."""
         if not sample.qualifies:
             return
         task = sample_task(sample, self._task_attribute, self._default_task)
-        held = self._holdout.assign(
+        self._assign(
             txn,
             sample.request_id,
             task,
             sample.prompt,
             sample.completion,
             sample.reward,
-            now_ms=sample.closed_ms,
+            sample.closed_ms,
+        )
+
+    def on_document(self, txn: lmdb.Transaction, doc: Mapping[str, Any]) -> None:
+        """A ``SampleDocumentListener``: the same decision from the stored sample
+        document, without building a ``Sample`` for every scored answer."""
+        if not doc["qualifies"]:
+            return
+        name = self._task_attribute
+        task = ""
+        for key, value in doc["attributes"]:
+            if key == name:
+                task = value
+                break
+        task = task or doc["task_id"] or self._default_task
+        self._assign(
+            txn,
+            doc["request_id"],
+            task,
+            doc["prompt"],
+            doc["completion"],
+            doc["reward"],
+            doc["closed_ms"],
+        )
+
+    def _assign(
+        self,
+        txn: lmdb.Transaction,
+        request_id: str,
+        task: str,
+        prompt: str,
+        completion: str,
+        reward: float,
+        closed_ms: int,
+    ) -> None:
+        held = self._holdout.assign(
+            txn, request_id, task, prompt, completion, reward, now_ms=closed_ms
         )
         self.assigned += 1
         self.held += int(held)

@@ -30,7 +30,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import lmdb
@@ -70,6 +70,20 @@ def _prompt_key(prompt: str) -> bytes:
     return b"p" + hashlib.blake2b(prompt.encode("utf-8"), digest_size=16).digest()
 
 
+_COUNT_KEYS = ["task_id", "offered", "held"]
+
+
+def _encode_counts(counts: list[Any]) -> bytes:
+    """A task's counts record: the bytes ``json.dumps`` gives for the stored doc
+    updated with the new counts (formatted directly when it has the usual shape)."""
+    doc, offered, held = counts
+    if list(doc) == _COUNT_KEYS or list(doc) == _COUNT_KEYS[:1]:
+        task = json.dumps(doc["task_id"])
+        return f'{{"task_id": {task}, "offered": {offered}, "held": {held}}}'.encode()
+    doc.update(offered=offered, held=held)
+    return json.dumps(doc).encode()
+
+
 def _unit_hash(sample_id: str) -> float:
     digest = hashlib.blake2b(sample_id.encode("utf-8"), digest_size=8, person=b"holdout").digest()
     return int.from_bytes(digest, "big") / float(1 << 64)
@@ -81,6 +95,13 @@ class HoldoutSet:
     def __init__(self, store: Store, config: HoldoutConfig) -> None:
         self._store = store
         self._c = config
+        # Task counts read or written in the current write transaction (the
+        # curation listener calls ``assign`` for every good sample of a
+        # batch): task key -> [task_id, offered, held]. Tied to the
+        # transaction object, so counts of an aborted one are never reused.
+        self._counts_txn: lmdb.Transaction | None = None
+        self._counts: dict[bytes, list[Any]] = {}
+        self._task_keys: dict[str, bytes] = {}
 
     @property
     def config(self) -> HoldoutConfig:
@@ -106,11 +127,14 @@ class HoldoutSet:
         prior = txn.get(b"d" + sid, db=db)
         if prior is not None:
             return bytes(prior) == b"1"
-        tk = task_key(task_id)
-        raw = txn.get(b"c" + tk, db=db)
-        doc: dict[str, Any] = json.loads(bytes(raw)) if raw else {"task_id": task_id}
-        offered = int(doc.get("offered", 0)) + 1
-        held_n = int(doc.get("held", 0))
+        tk = self._task_keys.get(task_id)
+        if tk is None:
+            if len(self._task_keys) >= 4096:
+                self._task_keys.clear()
+            tk = self._task_keys[task_id] = task_key(task_id)
+        counts = self._task_counts(txn, db, tk, task_id)
+        offered = counts[1] + 1
+        held_n = counts[2]
         held = False
         pkey = _prompt_key(prompt)
         by_prompt = txn.get(pkey, db=db)
@@ -125,12 +149,33 @@ class HoldoutSet:
         if held:
             held_n += 1
             now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-            item = HeldOutSample(sample_id, task_id, prompt, completion, float(reward), now)
-            txn.put(b"h" + tk + sid, json.dumps(asdict(item), ensure_ascii=False).encode(), db=db)
+            # HeldOutSample's fields, in its order
+            item = {
+                "sample_id": sample_id,
+                "task_id": task_id,
+                "prompt": prompt,
+                "completion": completion,
+                "reward": float(reward),
+                "held_ms": now,
+            }
+            txn.put(b"h" + tk + sid, json.dumps(item, ensure_ascii=False).encode(), db=db)
         txn.put(b"d" + sid, b"1" if held else b"0", db=db)
-        doc.update(offered=offered, held=held_n)
-        txn.put(b"c" + tk, json.dumps(doc).encode(), db=db)
+        counts[1], counts[2] = offered, held_n
+        txn.put(b"c" + tk, _encode_counts(counts), db=db)
         return held
+
+    def _task_counts(self, txn: lmdb.Transaction, db: Any, tk: bytes, task_id: str) -> list[Any]:
+        """[stored doc, offered, held] of a task, read once per write transaction."""
+        if self._counts_txn is not txn:
+            self._counts_txn = txn
+            self._counts = {}
+        counts = self._counts.get(tk)
+        if counts is None:
+            raw = txn.get(b"c" + tk, db=db)
+            doc: dict[str, Any] = json.loads(bytes(raw)) if raw else {"task_id": task_id}
+            counts = [doc, int(doc.get("offered", 0)), int(doc.get("held", 0))]
+            self._counts[tk] = counts
+        return counts
 
     def is_held_out(self, txn: lmdb.Transaction, sample_id: str) -> bool:
         return txn.get(b"d" + id_key(sample_id), db=self._db()) == b"1"

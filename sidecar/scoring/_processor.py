@@ -21,20 +21,31 @@ updates the per-version feedback of its model and its sources' statistics
 for quarantine. SHADOW and PROBE answers never join: they are counted and
 left to the stages that compare them.
 
+A closed request leaves a small record behind (its sample number) so that a
+retry naming it finds its sample, late feedback is counted as late and a
+resent answer as a duplicate. That record is forgotten
+``closed_request_retention_seconds`` of log time after its window closed
+(the ``closed`` database queues them in that order); after that, such
+feedback waits as an orphan and is dropped, a retry forms no retry pair and
+a resent answer is scored again. Forgetting is interleaved with closing in
+log-time order (at equal times forgetting goes first), so it is as much a
+function of the log as closing is.
+
 The processor runs once per event, so it does as little per event as it
 can: running totals (counters, per-version feedback, per-source statistics)
 and request records are kept in memory for the current transaction and
 written once, by ``end_batch``, before that transaction commits. Samples and
 pairs are built and stored as plain documents (the same bytes
 ``Sample.to_json`` and ``Pair.to_json`` give); :class:`Sample` and
-:class:`Pair` objects are only made for listeners.
+:class:`Pair` objects are only made for listeners that take them, and
+``sample_document_listeners`` get the stored document itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lmdb
@@ -51,29 +62,41 @@ from sidecar.scoring._views import (
     ScoringCounters,
     VersionFeedback,
 )
-from sidecar.scoring._weights import WeightTable, ensure_weight_version, score_feedback
+from sidecar.scoring._weights import WeightTable, ensure_weight_version, score_parts
 from sidecar.store import Store, decode_u64, encode_u64, read_cursor
 
 _Doc = dict[str, Any]
 
-__all__ = ["FeedbackProcessor", "SampleListener", "table_from_config"]
+__all__ = [
+    "FeedbackProcessor",
+    "PairListener",
+    "SampleDocumentListener",
+    "SampleListener",
+    "table_from_config",
+]
 
 S = events_pb2.Signal
 _PRIMARY_ROLES = (events_pb2.ROLE_UNSPECIFIED, events_pb2.PRIMARY)
 _SIGNAL_NAMES = {v: k for k, v in S.items()}
 _ENGAGE = int(S.ENGAGE)
 _NO_DEADLINE = 1 << 64
+_MISSING: Any = object()
 _NO_COUNTERS = ScoringCounters().pack()
 _SOURCE = struct.Struct(">Qd")
 _PROMPT_ENTRY = struct.Struct(">d8s")
-#: windows key: deadline, seq
+#: windows key: deadline, seq; closed key: forget time, seq
 _WINDOW_KEY = struct.Struct(">QQ")
+_TIME_SEQ = _WINDOW_KEY
 _KIND_INFERENCE = b"i"
 _KIND_ORPHAN = b"o"
 
 #: Called on the writer thread, inside the closing transaction, for each new
 #: sample. Must be deterministic (replays call it again) and must not block.
 SampleListener = Callable[[lmdb.Transaction, Sample], None]
+#: Like :data:`SampleListener`, but given the stored sample document (the
+#: fields of :class:`Sample`; lists where Sample has tuples). Read-only: it is
+#: the document that was stored and may be reused for preference pairs.
+SampleDocumentListener = Callable[[lmdb.Transaction, Mapping[str, Any]], None]
 PairListener = Callable[[lmdb.Transaction, Pair], None]
 
 
@@ -104,6 +127,7 @@ class _Batch:
         "counters_raw",
         "dirty",
         "next_deadline",
+        "next_expiry",
         "perf",
         "requests",
         "samples",
@@ -124,8 +148,12 @@ class _Batch:
         self.dirty: dict[bytes, None] = {}
         #: sample documents made or read in this batch, by sample key
         self.samples: dict[bytes, _Doc] = {}
-        #: no window closes before this log time (a lower bound; None: unknown)
+        #: nothing closes or is forgotten before this log time (a lower
+        #: bound; None: unknown)
         self.next_deadline: int | None = None
+        #: no closed request is forgotten before this log time (a lower
+        #: bound; None: unknown)
+        self.next_expiry: int | None = None
 
 
 class FeedbackProcessor:
@@ -154,6 +182,9 @@ class FeedbackProcessor:
         self.config = config
         self.table = table_from_config(config)
         self._window_ms = int(config.reward_window_seconds * 1000)
+        # at least 1 ms: a record is forgotten strictly after its close
+        self._forget_ms = max(1, int(config.closed_request_retention_seconds * 1000))
+        self._quality = config.quality_threshold
         self._baseline_n = baseline_samples
         self._alpha = 2.0 / (recent_samples + 1)
         self._on_version = on_primary_version
@@ -170,7 +201,9 @@ class FeedbackProcessor:
         self._samples: Any = None
         self._pairs: Any = None
         self._prompts: Any = None
+        self._closed: Any = None
         self.sample_listeners: list[SampleListener] = []
+        self.sample_document_listeners: list[SampleDocumentListener] = []
         self.pair_listeners: list[PairListener] = []
 
     # -- set-up ------------------------------------------------------------
@@ -243,6 +276,7 @@ class FeedbackProcessor:
         db = self._store.db
         self._meta, self._requests, self._windows = db("meta"), db("requests"), db("windows")
         self._samples, self._pairs, self._prompts = db("samples"), db("pairs"), db("prompts")
+        self._closed = db("closed")
         # Every batch, not once: a first batch that failed and was retried
         # event by event took its weight-version record with it.
         self.bind(txn)
@@ -251,10 +285,9 @@ class FeedbackProcessor:
         return b
 
     def _request(self, b: _Batch, key: bytes) -> _Doc | None:
-        try:
-            return b.requests[key]
-        except KeyError:
-            pass
+        known: _Doc | None = b.requests.get(key, _MISSING)
+        if known is not _MISSING:
+            return known
         raw = b.txn.get(key, db=self._requests)
         rec: _Doc | None = _loads(raw) if raw is not None else None
         b.requests[key] = rec
@@ -366,7 +399,8 @@ class FeedbackProcessor:
             b.next_deadline = deadline
 
     def _close_until(self, txn: lmdb.Transaction, until_ms: int) -> None:
-        """Closes every window that ends at or before ``until_ms`` (log time).
+        """Closes every window that ends at or before ``until_ms`` (log time),
+        and forgets the closed requests due by then.
 
         Part of the current batch: ``end_batch(txn)`` writes the outcome.
         """
@@ -376,18 +410,60 @@ class FeedbackProcessor:
         self._close_due(b, until_ms)
 
     def _close_due(self, b: _Batch, until_ms: int) -> None:
+        # Windows close in (deadline, seq) order; closed requests due at or
+        # before a window's deadline are forgotten before it closes.
         txn = b.txn
+        close = self._close
         with txn.cursor(db=self._windows) as cur:
-            while cur.first():
-                k = cur.key()
-                deadline = decode_u64(k)
+            k = cur.key() if cur.first() else b""
+            while True:
+                deadline = decode_u64(k) if k else _NO_DEADLINE
+                upto = deadline if deadline < until_ms else until_ms
+                nx = b.next_expiry
+                if nx is None or nx <= upto:
+                    nx = b.next_expiry = self._forget_due(b, upto)
                 if deadline > until_ms:
-                    b.next_deadline = deadline
+                    b.next_deadline = deadline if deadline < nx else nx
                     return
                 value = bytes(cur.value())
+                cur.delete()  # moves to the next window (an empty key past the last)
+                close(b, value[:1], value[1:], deadline)
+                k = cur.key()
+
+    def _forget_due(self, b: _Batch, upto_ms: int) -> int:
+        """Forgets closed requests due at or before ``upto_ms``; returns when
+        the next one is due."""
+        requests, dirty = b.requests, b.dirty
+        with b.txn.cursor(db=self._closed) as cur:
+            if not cur.first():
+                return _NO_DEADLINE
+            while True:
+                k = cur.key()
+                if not k:
+                    return _NO_DEADLINE
+                due = decode_u64(k)
+                if due > upto_ms:
+                    return due
+                # Nothing replaces a closed request's record (its answer is a
+                # duplicate, its feedback late) until it is forgotten here.
+                key = bytes(cur.value())
+                requests[key] = None
+                dirty[key] = None
                 cur.delete()
-                self._close(b, value[:1], value[1:], deadline)
-        b.next_deadline = _NO_DEADLINE
+
+    def _closed_record(self, b: _Batch, key: bytes, deadline: int, seq: int, no: int) -> None:
+        """Replaces a request's record by what later events need: its sample number."""
+        self._set_request(b, key, {"c": no, "s": seq})
+        due = deadline + self._forget_ms
+        # Closes come in deadline order, so this is normally the last key
+        # (cheap to append); a clock step back makes it an ordinary insert.
+        ck = _TIME_SEQ.pack(due, seq)
+        txn = b.txn
+        if not txn.put(ck, key, db=self._closed, append=True):
+            txn.put(ck, key, db=self._closed)
+        nx = b.next_expiry
+        if nx is not None and due < nx:
+            b.next_expiry = due
 
     def _close(self, b: _Batch, kind: bytes, key: bytes, deadline: int) -> None:
         rec = self._request(b, key)
@@ -400,7 +476,8 @@ class FeedbackProcessor:
                 counters.orphans_dropped += 1
             return
         txn = b.txn
-        score = score_feedback(rec["sg"], rec["rt"], self.table)
+        sg = rec["sg"]
+        signed, has_feedback, reward_raw = score_parts(sg, rec["rt"], self.table)
         version = rec["v"]
         sources: list[str] = rec["fs"]
         if not sources:
@@ -409,9 +486,8 @@ class FeedbackProcessor:
                 sources = ["user:" + rec["u"]]
             if rec["ss"]:
                 sources = [*sources, "session:" + rec["ss"]]
-        if score.has_feedback:
-            signed = score.signed
-            self._perf_feedback(b, version, score.reward, signed)
+        if has_feedback:
+            self._perf_feedback(b, version, reward_raw, signed)
             src_stats = b.sources
             for src in sources:
                 skey = SOURCE_PREFIX + src.encode()
@@ -421,32 +497,32 @@ class FeedbackProcessor:
                     st = src_stats[skey] = list(_SOURCE.unpack(old)) if old else [0, 0.0]
                 st[0] += 1
                 st[1] += signed
+        seq = rec["s"]
         if rec["e"] or not rec["p"] or not rec["r"]:
             counters.closed_other += 1
-            self._set_request(b, key, {"c": 0, "s": rec["s"]})
+            self._closed_record(b, key, deadline, seq, 0)
             return
         counters.samples += 1
         no = counters.samples
         lp = rec["lp"]
-        reward = round(score.reward, 6)
-        qualifies = score.reward >= self.config.quality_threshold
+        qualifies = reward_raw >= self._quality
         # Sample's fields, in its order: the same bytes as Sample.to_json.
         doc: _Doc = {
             "no": no,
-            "seq": rec["s"],
+            "seq": seq,
             "request_id": key.decode(),
             "prompt": rec["p"],
             "completion": rec["r"],
-            "reward": reward,
-            "signed": round(score.signed, 6),
-            "has_feedback": score.has_feedback,
+            "reward": round(reward_raw, 6),
+            "signed": round(signed, 6),
+            "has_feedback": has_feedback,
             "qualifies": qualifies,
             "model_version": version,
             "task_id": rec["tk"],
             "user_id": rec["u"],
             "session_id": rec["ss"],
             "sources": sources,
-            "signals": [_SIGNAL_NAMES[s] for s in sorted(set(rec["sg"]))],
+            "signals": [_SIGNAL_NAMES[x] for x in sorted(set(sg))] if sg else [],
             "rating": rec["rt"],
             "logprob_mean": round(lp[0], 6) if lp else None,
             "logprob_min": round(lp[1], 6) if lp else None,
@@ -456,25 +532,30 @@ class FeedbackProcessor:
             "weight_version": self.weight_version or 0,
             "source": "new",
             "quarantined": False,
-            "attributes": [[str(k), str(v)] for k, v in rec.get("at", ())],
+            # kept attributes are [str, str] pairs (a record's own JSON)
+            "attributes": rec.get("at") or [],
         }
         if qualifies:
             counters.sft += 1
-        if score.has_feedback:
+        if has_feedback:
             counters.feedback_samples += 1
         skey = encode_u64(no)
         b.samples[skey] = doc
         txn.put(skey, _dumps(doc), db=self._samples, append=True)
-        for pair in self._pairs_for(b, doc, rec):
-            counters.pairs += 1
-            pair["no"] = counters.pairs
-            raw = _dumps(pair)
-            txn.put(encode_u64(counters.pairs), raw, db=self._pairs, append=True)
-            if self.pair_listeners:
-                pair_obj = Pair.from_json(raw)
-                for plisten in self.pair_listeners:
-                    plisten(txn, pair_obj)
-        self._set_request(b, key, {"c": no, "s": rec["s"]})
+        if rec["cr"] or rec["ro"] or (has_feedback and self.config.pair_lookback):
+            pairs_db = self._pairs
+            for pair in self._pairs_for(b, doc, rec):
+                counters.pairs += 1
+                pair["no"] = counters.pairs
+                raw = _dumps(pair)
+                txn.put(encode_u64(counters.pairs), raw, db=pairs_db, append=True)
+                if self.pair_listeners:
+                    pair_obj = Pair.from_json(raw)
+                    for plisten in self.pair_listeners:
+                        plisten(txn, pair_obj)
+        self._closed_record(b, key, deadline, seq, no)
+        for dlisten in self.sample_document_listeners:
+            dlisten(txn, doc)
         if self.sample_listeners:
             sample = _sample(doc)
             for listen in self.sample_listeners:
@@ -536,9 +617,10 @@ class FeedbackProcessor:
             room = config.pairs_per_sample
             lookback = config.pair_lookback
             txn = b.txn
+            own_key = prefix + encode_u64(s["no"])
             with txn.cursor(db=self._prompts) as cur:
                 seen = 0
-                ok = cur.set_range(prefix + encode_u64(s["no"]))
+                ok = cur.set_range(own_key)
                 ok = cur.prev() if ok else cur.last()
                 while ok and seen < lookback and room > 0:
                     k = cur.key()
@@ -555,9 +637,7 @@ class FeedbackProcessor:
                             else:
                                 out.append(_pair("score", other, s))
                     ok = cur.prev()
-            txn.put(
-                prefix + encode_u64(s["no"]), _PROMPT_ENTRY.pack(reward, mine), db=self._prompts
-            )
+            txn.put(own_key, _PROMPT_ENTRY.pack(reward, mine), db=self._prompts)
         return out
 
     # -- per-version feedback --------------------------------------------------

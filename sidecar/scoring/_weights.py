@@ -59,6 +59,10 @@ class WeightTable:
 
     def fingerprint(self) -> str:
         """A stable hash; a different table gets a different weight version."""
+        return self._fingerprint
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
         doc = {
             "signals": dict(sorted(self.signals.items())),
             "explicit_weight": self.explicit_weight,
@@ -93,7 +97,14 @@ def score_feedback(
     ``signals``: every implicit signal received (repeats count once each);
     ``rating``: the latest explicit rating in [0, 1], or None.
     """
-    t = table or _DEFAULT_TABLE
+    return Score(*score_parts(signals, rating, table or _DEFAULT_TABLE))
+
+
+def score_parts(
+    signals: Iterable[int], rating: float | None, t: WeightTable
+) -> tuple[float, bool, float]:
+    """``score_feedback`` as a plain (signed, has_feedback, reward) tuple, for
+    the processors that score every request and keep only the numbers."""
     # SIGNAL_UNSPECIFIED is 0: not a signal
     sigs = {s for s in signals if s}
     if sigs:
@@ -103,14 +114,14 @@ def score_feedback(
         implicit = None
     explicit = 2.0 * rating - 1.0 if rating is not None else None
     if implicit is None and explicit is None:
-        return Score(0.0, False, t.default_reward)
+        return 0.0, False, t.default_reward
     if implicit is not None and explicit is not None:
         total = t.explicit_weight + t.implicit_weight
         signed = (t.explicit_weight * explicit + t.implicit_weight * implicit) / total
     else:
         signed = explicit if explicit is not None else implicit  # type: ignore[assignment]
     signed = _clamp(signed)
-    return Score(signed, True, (signed + 1.0) / 2.0)
+    return signed, True, (signed + 1.0) / 2.0
 
 
 # -- weight versions -----------------------------------------------------------

@@ -28,8 +28,9 @@ SCHEMA_VERSION = 1
 #: the stage that owns it writes). ``dead_letters`` holds events a processor
 #: could not handle, with the reason; ``history`` is the
 #: append-only learning history (see ``_history.py``); ``windows`` orders
-#: open requests by the end of their reward window and ``prompts`` indexes
-#: scored answers by prompt (both owned by scoring).
+#: open requests by the end of their reward window, ``closed`` orders closed
+#: requests by when their record is forgotten and ``prompts`` indexes scored
+#: answers by prompt (all three owned by scoring).
 DB_NAMES: tuple[str, ...] = (
     "events",
     "event_ids",
@@ -46,6 +47,7 @@ DB_NAMES: tuple[str, ...] = (
     "history",
     "windows",
     "prompts",
+    "closed",
     "meta",
 )
 

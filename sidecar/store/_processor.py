@@ -23,6 +23,7 @@ state it accumulated for a transaction that never reached ``end_batch``
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import json
@@ -34,6 +35,7 @@ from typing import Protocol
 
 import lmdb
 from atlas_sidecar_client.pb import events_pb2
+from google.protobuf.message import DecodeError
 
 from sidecar._aio import cancel_and_wait
 from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
@@ -50,8 +52,11 @@ __all__ = [
     "read_cursor",
 ]
 
-#: (seq, ingest_ms, serialized Event) of one log entry
-_Row = tuple[int, int, bytes]
+#: (seq, ingest_ms, parsed Event) of one log entry; None when it does not parse
+_Row = tuple[int, int, events_pb2.Event | None]
+
+#: Per-event cost assumed for a processor before its first round is measured.
+_FIRST_COST_SECONDS = 100e-6
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +142,13 @@ class ProcessorRunner:
         # After catching up, wait at least this long before the next round so
         # that many small commits are processed in one job, not one job each.
         self._min_interval = min_interval_seconds
+        # Processors whose cursors are at most this far apart advance in
+        # lockstep (the ones ahead wait), so each event is read and parsed once
+        # for all of them; one further behind (added later, replaying the
+        # retained log) catches up on its own without holding the others.
+        self._max_lead = batch_events
+        #: measured seconds per event of each processor (moving average)
+        self._cost: dict[str, float] = {}
         # While behind and events are arriving, processors use at most this
         # share of the writer's time, so ingest is acked first and learning
         # catches up after. Measured at 10,000 events/s: 0.5 gave an ack p99
@@ -259,88 +271,126 @@ class ProcessorRunner:
         return more
 
     def _apply_all(self, txn: lmdb.Transaction) -> tuple[bool, dict[str, tuple[int, int]]]:
-        """On the writer thread: each processor takes its share of the budget.
+        """On the writer thread: one round of every processor within the budget.
 
-        Returns (more waiting, processor name -> (first seq, events processed)).
+        Processors whose cursors are close advance together: the round reads
+        and parses the events once, sized from the processors' measured cost
+        per event to fit the budget, and each processor takes the part it has
+        not seen. Returns (more waiting, processor name -> (first seq, events
+        processed)).
         """
         last = self._writer.next_seq - 1
         budget = self._budget if self._ingest_active else self._idle_budget
         deadline = time.perf_counter() + budget
-        more = False
-        waiting = [p for p in self._processors if read_cursor(txn, self._store, p.name) <= last]
+        store = self._store
+        cursors = {p.name: read_cursor(txn, store, p.name) for p in self._processors}
+        waiting = [p for p in self._processors if cursors[p.name] <= last]
         report: dict[str, tuple[int, int]] = {}
         for st in self.stats.values():
             st.lag = 0
-        # Processors usually sit at the same cursor: the events they read are
-        # parsed once and shared for this round (seq -> Event).
-        parsed: dict[int, events_pb2.Event] = {}
-        for i, proc in enumerate(waiting):
-            # split what is left of the budget among the processors still to run
-            share = (deadline - time.perf_counter()) / (len(waiting) - i)
-            start = read_cursor(txn, self._store, proc.name)
-            # One span per processor and round, continuing the trace of the
-            # ingest batch that wrote its first event; spans the processor
-            # opens (a trigger) are its children.
-            with ins.log_batch_span("process.batch", start, start, processor=proc.name) as span:
-                done, exhausted = self._apply(
-                    txn, proc, start, time.perf_counter() + max(share, 0.001), parsed, last
-                )
-                span.set_attribute("events", done)
-                ins.link_ingests(span, start, start + done - 1)
-            st = self.stats[proc.name]
-            st.batches += 1
-            st.lag = max(0, last - (start + done) + 1)
-            more = more or exhausted
-            report[proc.name] = (start, done)
+        groups = self._groups(waiting, cursors)
+        for i, group in enumerate(groups):
+            # split what is left of the budget among the groups still to run
+            share = max((deadline - time.perf_counter()) / (len(groups) - i), 0.001)
+            costs = [self._cost.get(p.name, _FIRST_COST_SECONDS) for p in group]
+            first = min(cursors[p.name] for p in group)
+            n = max(1, min(self._batch, int(share / sum(costs))))
+            rows = self._read(txn, first, last, n)
+            for proc, cost in zip(group, costs, strict=True):
+                start = cursors[proc.name]
+                todo = rows[bisect.bisect_left(rows, (start,)) :] if start > first else rows
+                if not todo:
+                    continue  # ahead of the others: waits for them to catch up
+                # A wrong estimate is cut short past twice its expected time,
+                # and the round past twice its budget.
+                now = time.perf_counter()
+                limit = min(now + max(2.0 * cost * len(todo), 0.001), deadline + budget)
+                # One span per processor and round, continuing the trace of the
+                # ingest batch that wrote its first event; spans the processor
+                # opens (a trigger) are its children.
+                with ins.log_batch_span("process.batch", start, start, processor=proc.name) as span:
+                    began = time.perf_counter()
+                    done = self._apply(txn, proc, todo, limit)
+                    spent = time.perf_counter() - began
+                    span.set_attribute("events", done)
+                    ins.link_ingests(span, start, start + done - 1)
+                if done >= 8:
+                    per_event = spent / done
+                    old = self._cost.get(proc.name)
+                    self._cost[proc.name] = per_event if old is None else (old + per_event) / 2
+                cursors[proc.name] = start + done
+                st = self.stats[proc.name]
+                st.batches += 1
+                report[proc.name] = (start, done)
+        more = False
+        for p in waiting:
+            lag = max(0, last - cursors[p.name] + 1)
+            self.stats[p.name].lag = lag
+            more = more or lag > 0
         return more, report
 
-    def _apply(
-        self,
-        txn: lmdb.Transaction,
-        proc: LogProcessor,
-        start: int,
-        deadline: float,
-        parsed: dict[int, events_pb2.Event] | None = None,
-        last: int | None = None,
-    ) -> tuple[int, bool]:
-        """Processes events from ``start`` until the batch size or ``deadline``, then
-        advances the cursor in the same transaction. Returns (processed, cut short).
+    def _groups(
+        self, waiting: list[LogProcessor], cursors: dict[str, int]
+    ) -> list[list[LogProcessor]]:
+        """Waiting processors in groups of close cursors (each in the given order)."""
+        groups: list[list[LogProcessor]] = []
+        lo = 0
+        for proc in sorted(waiting, key=lambda p: cursors[p.name]):
+            c = cursors[proc.name]
+            if groups and c - lo <= self._max_lead:
+                groups[-1].append(proc)
+            else:
+                groups.append([proc])
+                lo = c
+        order = {p.name: i for i, p in enumerate(self._processors)}
+        for g in groups:
+            g.sort(key=lambda p: order[p.name])
+        return groups
 
-        Only committed events (``seq <= last``) are processed: this job may share
-        a group commit with an ingest batch that is not durable, nor acked, yet.
+    def _read(self, txn: lmdb.Transaction, first: int, last: int, n: int) -> list[_Row]:
+        """Up to ``n`` log entries from ``first`` on, not past ``last`` (the last
+        committed one), parsed."""
+        rows: list[_Row] = []
+        append = rows.append
+        with txn.cursor(db=self._store.db("events")) as cur:
+            if not cur.set_range(encode_u64(first)):
+                return rows
+            for key, value in cur:
+                seq = decode_u64(key)
+                if seq > last:
+                    break
+                ingest_ms, payload = decode_log_value(value)
+                append((seq, ingest_ms, _parse(payload)))
+                if len(rows) >= n:
+                    break
+        return rows
+
+    def _apply(
+        self, txn: lmdb.Transaction, proc: LogProcessor, rows: list[_Row], deadline: float
+    ) -> int:
+        """Processes ``rows`` (from the processor's cursor on) until they end or
+        ``deadline`` passes, then advances the cursor in the same transaction.
+        Returns how many were processed (or dead-lettered).
+
+        Only committed events are in ``rows``: this job may share a group commit
+        with an ingest batch that is not durable, nor acked, yet.
         """
         st = self.stats[proc.name]
         end_batch: Callable[[lmdb.Transaction], None] | None = getattr(proc, "end_batch", None)
         env = self._store.env
         clock = time.perf_counter
-        limit = self._batch
-        # The log is read as it is processed, not a batch ahead: a round's
-        # time budget often ends the batch after a few dozen events.
-        rows: list[_Row] = []
-        more = False
+        process = proc.process
+        done = 0
         child = env.begin(write=True, parent=txn)
         try:
-            with child.cursor(db=self._store.db("events")) as cur:
-                more = cur.set_range(encode_u64(start))
-                while more and len(rows) < limit:
-                    key, value = cur.item()
-                    seq = decode_u64(key)
-                    if last is not None and seq > last:
-                        more = False
-                        break
-                    ingest_ms, payload = decode_log_value(value)
-                    rows.append((seq, ingest_ms, payload))
-                    proc.process(child, seq, ingest_ms, _event(parsed, seq, payload))
-                    more = cur.next()
-                    if len(rows) % 64 == 0 and clock() > deadline:
-                        break
-            if not rows:
-                child.abort()
-                return 0, False
+            for seq, ingest_ms, event in rows:
+                process(child, seq, ingest_ms, event or _unparsed(seq))
+                done += 1
+                if done % 64 == 0 and clock() > deadline:
+                    break
             if end_batch is not None:
                 end_batch(child)
             child.commit()
-            done = len(rows)
             st.processed += done
         except lmdb.MapFullError:
             child.abort()
@@ -348,11 +398,12 @@ class ProcessorRunner:
         except Exception:
             child.abort()
             # isolate the bad event(s): one nested transaction per event
+            batch = rows[: done + 1]
             done = 0
-            for seq, ingest_ms, payload in rows:
+            for seq, ingest_ms, event in batch:
                 one = env.begin(write=True, parent=txn)
                 try:
-                    proc.process(one, seq, ingest_ms, _event(parsed, seq, payload))
+                    process(one, seq, ingest_ms, event or _unparsed(seq))
                     if end_batch is not None:
                         end_batch(one)
                     one.commit()
@@ -368,12 +419,11 @@ class ProcessorRunner:
                 if done % 64 == 0 and clock() > deadline:
                     break
             # the events after the bad one are left to the next round
-            more = True
         last_done = rows[done - 1][0]
         txn.put(
             CURSOR_PREFIX + proc.name.encode(), encode_u64(last_done + 1), db=self._store.db("meta")
         )
-        return done, more or done < len(rows)
+        return done
 
     def _dead_letter(self, txn: lmdb.Transaction, name: str, seq: int, exc: Exception) -> None:
         key = name.encode() + b"/" + encode_u64(seq)
@@ -402,19 +452,14 @@ def _tick(proc: LogProcessor, txn: lmdb.Transaction, now_ms: int) -> None:
     proc.tick(txn, now_ms)
 
 
-def _event(
-    parsed: dict[int, events_pb2.Event] | None, seq: int, payload: bytes
-) -> events_pb2.Event:
-    """The parsed event, parsed once per round for all processors."""
-    if parsed is None:
-        return _parse(payload)
-    ev = parsed.get(seq)
-    if ev is None:
-        ev = parsed[seq] = _parse(payload)
-    return ev
-
-
-def _parse(payload: bytes) -> events_pb2.Event:
+def _parse(payload: bytes) -> events_pb2.Event | None:
     ev = events_pb2.Event()
-    ev.ParseFromString(payload)
+    try:
+        ev.ParseFromString(payload)
+    except DecodeError:
+        return None  # dead-lettered by every processor
     return ev
+
+
+def _unparsed(seq: int) -> events_pb2.Event:
+    raise ValueError(f"log entry {seq} is not a valid Event")

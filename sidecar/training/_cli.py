@@ -182,7 +182,7 @@ def setup_reprocess(p: argparse.ArgumentParser) -> None:
     )
 
 
-_VIEW_DBS = ("requests", "samples", "pairs", "windows", "prompts")
+_VIEW_DBS = ("requests", "samples", "pairs", "windows", "prompts", "closed")
 _META_PREFIXES = (b"scoring/counters", b"scoring/perf/", b"scoring/src/", b"cursor/scoring")
 
 
@@ -229,8 +229,8 @@ async def reprocess(config: Any, *, allow_partial: bool = False) -> dict[str, An
         )
         # Holdout decisions are kept (decided once); samples first curated
         # now get theirs, as in the daemon.
-        proc.sample_listeners.append(
-            HoldoutAtCuration.for_config(HoldoutSet(store, config.holdout), config)
+        proc.sample_document_listeners.append(
+            HoldoutAtCuration.for_config(HoldoutSet(store, config.holdout), config).on_document
         )
 
         def wipe(txn: lmdb.Transaction) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -194,6 +195,94 @@ async def test_processor_dead_letters_a_bad_event_and_goes_on(tmp_path: Path) ->
         assert runner.status()["dead_letters"] == 1
     finally:
         await runner.shutdown()
+        await writer.shutdown()
+        store.close()
+
+
+class _Named(_Recorder):
+    """A recorder with its own name, writing ``name/event_id`` keys."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        super().__init__(store)
+        self.name = name
+        self.rounds: list[tuple[int, int]] = []
+        self._batch: tuple[Any, int, int] | None = None
+
+    def process(
+        self, txn: lmdb.Transaction, seq: int, ingest_ms: int, event: events_pb2.Event
+    ) -> None:
+        b = self._batch
+        self._batch = (txn, b[1] if b and b[0] is txn else seq, seq)
+        txn.put(f"{self.name}/{event.event_id}".encode(), b"", db=self.store.db("requests"))
+
+    def end_batch(self, txn: lmdb.Transaction) -> None:
+        if self._batch is not None and self._batch[0] is txn:
+            self.rounds.append(self._batch[1:])
+        self._batch = None
+
+
+async def test_unparsable_log_entries_are_dead_lettered_by_every_processor(
+    tmp_path: Path,
+) -> None:
+    store = Store(cfg(tmp_path))
+    store.open()
+    writer = StoreWriter(store, cfg(tmp_path))
+    await writer.start()
+    procs = [_Named(store, "a"), _Named(store, "b")]
+    runner = ProcessorRunner(store, writer, procs)
+    try:
+        batch = [*items("x", 2), (b"junk", b"\xff\xff\xff"), *items("y", 2)]
+        writer.submit_events(batch).result(5)
+        while await runner.run_once():
+            pass
+        with store.read() as txn:
+            keys = sorted(bytes(k).decode() for k, _ in txn.cursor(db=store.db("requests")))
+            assert [read_cursor(txn, store, n) for n in "ab"] == [6, 6]
+        assert keys == sorted(f"{n}/{e}" for n in "ab" for e in ("x0", "x1", "y0", "y1"))
+        status = runner.status()
+        assert status["dead_letters"] == 2
+        assert {n: s["dead_lettered"] for n, s in status["processors"].items()} == {"a": 1, "b": 1}
+    finally:
+        await writer.shutdown()
+        store.close()
+
+
+async def test_processors_close_together_read_each_event_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sidecar.store._processor as runner_module
+
+    parsed: list[bytes] = []
+    parse = runner_module._parse
+
+    def counting(payload: bytes) -> events_pb2.Event | None:
+        parsed.append(payload)
+        return parse(payload)
+
+    monkeypatch.setattr(runner_module, "_parse", counting)
+    store = Store(cfg(tmp_path))
+    store.open()
+    writer = StoreWriter(store, cfg(tmp_path))
+    await writer.start()
+    writer.submit_events(items("e", 600)).result(5)
+    with store.env.begin(write=True) as txn:
+        # "b" ran a little ahead of "a"; "late" is far behind both
+        txn.put(b"cursor/a", encode_u64(101), db=store.db("meta"))
+        txn.put(b"cursor/b", encode_u64(111), db=store.db("meta"))
+    a, b, late = _Named(store, "a"), _Named(store, "b"), _Named(store, "late")
+    runner = ProcessorRunner(store, writer, [a, b, late], batch_events=40)
+    try:
+        while await runner.run_once():
+            pass
+        with store.read() as txn:
+            assert [read_cursor(txn, store, n) for n in ("a", "b", "late")] == [601] * 3
+        # "b" waited for "a" to catch up; "late" did not hold either back
+        assert a.rounds[0][0] == 101 and b.rounds[0][0] == 111
+        assert late.rounds[0][0] == 1
+        # each event was parsed once for "a" and "b" together, once for "late"
+        assert len(parsed) <= 500 + 600 + 40
+        assert len(parsed) < 2 * 500 + 600
+    finally:
         await writer.shutdown()
         store.close()
 

@@ -175,6 +175,66 @@ def test_tick_closes_only_when_caught_up(store: Store) -> None:
     assert set(h.samples()) == {"a"}
 
 
+def _entries(store: Store, name: str) -> int:
+    with store.read() as txn:
+        return int(txn.stat(store.db(name))["entries"])
+
+
+def test_closed_requests_are_forgotten_and_the_store_stays_bounded(store: Store) -> None:
+    # 10 requests per second of log time, a 10 s window, closed requests
+    # remembered for 30 s: about 400 records at any time, never the 3000 seen.
+    cfg = ScoringConfig(reward_window_seconds=WINDOW_MS / 1000, closed_request_retention_seconds=30)
+    h = Harness(store, cfg)
+    t = 1_000
+    peak = 0
+    for i in range(3000):
+        events = [inf(f"r{i}", prompt=f"q{i % 50}", response=f"a{i}")]
+        if i % 3 == 0:
+            events.append(fb(f"r{i}", rating=(i % 10) / 10))
+        h.feed(*events, at_ms=t)
+        t += 100
+        if i % 100 == 99:
+            peak = max(peak, _entries(store, "requests"))
+            assert _entries(store, "closed") <= 301
+    assert 300 < peak <= 401
+    assert len(h.samples()) == 3000 - 100  # the last 10 s of answers are still open
+    # the log goes quiet: ticks close and forget by the clock alone
+    h.feed(fb("late", rating=1.0), at_ms=t)  # an orphan, dropped after a window
+    with store.env.begin(write=True) as txn:
+        txn.put(b"cursor/scoring", encode_u64(h.seq + 1), db=store.db("meta"))
+        h.proc.tick(txn, t + 10 * WINDOW_MS)
+    assert _entries(store, "requests") == 0
+    assert _entries(store, "closed") == 0
+    assert _entries(store, "windows") == 0
+    assert len(h.samples()) == 3000
+
+
+def test_feedback_and_retries_after_a_request_is_forgotten(store: Store) -> None:
+    cfg = ScoringConfig(reward_window_seconds=WINDOW_MS / 1000, closed_request_retention_seconds=60)
+    h = Harness(store, cfg)
+    h.feed(*(inf(r, prompt="q" + r, response="first " + r) for r in "abc"))
+    # closed but remembered: late feedback is late, a retry pairs with it
+    h.feed(fb("a", rating=1.0), at_ms=1_000 + WINDOW_MS + 1)
+    h.feed(inf("a2", prompt="qa", response="second", retry_of="a"), at_ms=30_000)
+    # forgotten (closed at 11 s, remembered until 71 s): feedback waits as an
+    # orphan and is dropped, a retry finds nothing to pair with, a resent
+    # answer is scored again
+    h.feed(fb("b", rating=1.0), inf("c2", prompt="qc", response="x", retry_of="c"), at_ms=80_000)
+    h.feed(inf("c", prompt="qc", response="again"), at_ms=95_000)
+    h.feed(inf("z"), at_ms=200_000)
+    with store.read() as txn:
+        c = read_counters(txn, store)
+    assert c.late_feedback == 1
+    assert c.orphans_dropped == 1
+    assert c.duplicate_requests == 0
+    kinds = [(p.kind, p.request_ids) for p in h.pairs()]
+    assert kinds == [("retry", ("a2", "a"))]
+    with store.read() as txn:
+        scored = [s.request_id for s in iter_samples(txn, store)]
+    assert scored.count("c") == 2 and scored.count("b") == 1
+    assert not h.samples()["b"].has_feedback
+
+
 def test_preference_pairs_from_retries_edits_and_scores(store: Store) -> None:
     h = Harness(store)
     h.feed(
@@ -289,7 +349,7 @@ async def test_bad_event_is_dead_lettered_and_the_rest_goes_on(store: Store) -> 
 def _views(store: Store) -> dict[str, list[tuple[bytes, bytes]]]:
     out: dict[str, list[tuple[bytes, bytes]]] = {}
     with store.read() as txn:
-        for name in ("samples", "pairs", "requests", "windows", "prompts", "meta"):
+        for name in ("samples", "pairs", "requests", "windows", "prompts", "closed", "meta"):
             rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=store.db(name))]
             if name == "meta":
                 rows = [(k, v) for k, v in rows if k.startswith(b"scoring/")]
@@ -312,7 +372,8 @@ async def _run_log(tmp: Path, log: list[tuple[int, events_pb2.Event]], batch: in
         registry = ModelRegistry(st, writer)
         proc = FeedbackProcessor(
             st,
-            ScoringConfig(reward_window_seconds=0.01),
+            # closed requests forgotten after 50 ms: a few are, mid-log
+            ScoringConfig(reward_window_seconds=0.01, closed_request_retention_seconds=0.05),
             on_primary_version=registry.observe_primary_version,
         )
         runner = ProcessorRunner(st, writer, [proc], batch_events=batch)
@@ -348,4 +409,6 @@ async def test_a_failed_batch_retried_event_by_event_equals_one_event_batches(
     single_status, single = await _run_log(tmp_path / "single", log, batch=1)
     assert batched_status["dead_letters"] == single_status["dead_letters"] == 1
     assert batched["samples"] and batched["pairs"]
+    # every closed request was forgotten by the time "last" came
+    assert [k for k, _ in batched["requests"]] == [b"last"]
     assert batched == single
