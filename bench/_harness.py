@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,6 +133,48 @@ class NullServer:
             self.proc.wait(10)
 
 
+def loadgen_binary() -> Path | None:
+    """Builds the Go load generator (clients/go/cmd/atlas-loadgen) into .tools/bin.
+
+    None when Go is not installed. A Go client costs the machine little CPU
+    per message, so the server's own ceiling shows; the Python client on the
+    same 2 cores takes about as much CPU per message as the server.
+    """
+    if shutil.which("go") is None:
+        return None
+    out = ROOT / ".tools" / "bin" / "atlas-loadgen"
+    subprocess.run(
+        ["go", "build", "-o", str(out), "./cmd/atlas-loadgen"],
+        cwd=ROOT / "clients" / "go",
+        check=True,
+    )
+    return out
+
+
+def loadgen(
+    binary: Path, target: str, events: int, batch: int, rate: float = 0
+) -> dict[str, float]:
+    """One atlas-loadgen run; its JSON result."""
+    out = subprocess.run(
+        [
+            str(binary),
+            "-target",
+            target,
+            "-events",
+            str(events),
+            "-batch",
+            str(batch),
+            "-rate",
+            str(rate),
+            "-json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return dict(json.loads(out))
+
+
 def daemon(tmp: str, **env: str) -> DaemonProcess:
     return DaemonProcess(Path(tmp) / "data", http_port=0, env=env)
 
@@ -159,6 +203,8 @@ __all__ = [
     "NullServer",
     "StreamResult",
     "daemon",
+    "loadgen",
+    "loadgen_binary",
     "make_batches",
     "median",
     "os",

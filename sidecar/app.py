@@ -21,11 +21,11 @@ from atlas_sidecar_client.pb import (
     control_pb2,
     control_pb2_grpc,
     ingest_pb2,
-    ingest_pb2_grpc,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sidecar._compiled import compiled_reason
 from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
 from sidecar.config import SidecarConfig
 from sidecar.control import ControlChannel
@@ -109,6 +109,7 @@ class SidecarApp:
         self.retention = Retention(self.store, self.writer, config.store)
         self.ingest = IngestServicer(self.writer, config.ingest, config.server)
         self.handlers = AdminHandlers()
+        self.handlers.status["ingest"] = self.ingest.status
         # -- control channel (sidecar/control): the desired state, reconciling
         # every connected inference server to it (ControlService.Connect).
         # The rollout engine drives it through the ControlPlane protocol.
@@ -261,6 +262,10 @@ class SidecarApp:
                 default_task=config.memory.default_task,
             )
         )
+        # Good samples a full batch left out (selective.max_batch_samples)
+        # stay pending: the step offers them again with the next batch, and
+        # the scheduler counts them as pending.
+        self.scheduler.carried = self.selective.pending_count
 
         # -- learning <-> rollout ---------------------------------------------
         # No update while a rollout runs; a registered candidate may start a
@@ -358,7 +363,11 @@ class SidecarApp:
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
             ],
         )
-        ingest_pb2_grpc.add_IngestServiceServicer_to_server(self.ingest, server)
+        self.ingest.add_to_server(server)
+        if self.ingest.decoder.path == "python":
+            log.warning(
+                "ingest runs its pure-Python path (slower)", extra={"reason": compiled_reason()}
+            )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
         active_learning_pb2_grpc.add_ActiveLearningServiceServicer_to_server(
             self.active_servicer, server

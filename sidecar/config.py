@@ -317,6 +317,17 @@ class SelectiveConfig(_Section):
     # Most new samples per learning batch, highest value first (0: no cap).
     # Bounds training time per update; the rest waits for the next update.
     max_batch_samples: int = Field(default=1000, ge=0)
+    # Good samples cut from a full batch wait for later updates, where they
+    # are valued again and ranked with the samples that arrived since: at
+    # most this many, highest value first; the rest are dropped (0: none
+    # wait). More keeps more good data when traffic outruns updates; every
+    # update re-values all waiting samples, so more also costs more per update.
+    max_pending_samples: int = Field(default=10_000, ge=0)
+    # A cut sample waits only while it is younger than this, in log time
+    # (its reward window's end against the newest sample offered to the
+    # batch); 0: no age bound. Longer keeps good data longer; shorter keeps
+    # what is learned close to what the model does now.
+    max_pending_age_seconds: float = Field(default=7 * 86_400.0, ge=0)
     # How token log-probs become uncertainty: "nll" (1 - geometric mean token
     # probability) or "entropy" (mean binary entropy of the chosen tokens).
     uncertainty: Literal["nll", "entropy"] = "nll"
@@ -572,6 +583,15 @@ class RolloutConfig(_Section):
     regression_pool: int = Field(default=500, ge=1)
     # A PRIMARY answer joins the regression pool when its reward reaches this.
     regression_min_reward: float = Field(default=0.75, ge=0, le=1)
+    # Feedback on a rollout's request counts for the arm that served it when
+    # it arrives within this long (log time) of the request, across restarts.
+    # Longer counts slow feedback too; shorter keeps fewer requests in memory
+    # and in the store.
+    feedback_window_seconds: float = Field(default=3600.0, gt=0)
+    # Most recent rollout requests whose serving arm is remembered (memory
+    # and store, about 100 bytes each); feedback on older ones is not
+    # counted. Raise it with the request rate times the feedback delay.
+    feedback_join_capacity: int = Field(default=100_000, ge=1)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
     canary: CanaryConfig = Field(default_factory=CanaryConfig)

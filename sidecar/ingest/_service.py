@@ -6,25 +6,42 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
-from atlas_sidecar_client.pb import events_pb2, ingest_pb2_grpc
+from atlas_sidecar_client.pb import events_pb2, ingest_pb2, ingest_pb2_grpc
 
 from sidecar.config import IngestConfig, ServerConfig
 from sidecar.errors import StoreError, StoreFullError
-from sidecar.ingest._validate import EventValidator
+from sidecar.ingest._decode import BatchDecodeError, BatchDecoder, DecodedBatch
 from sidecar.store import IngestResult, StoreWriter
 
-__all__ = ["BatchObserver", "BatchStart", "IngestServicer"]
+__all__ = ["BatchInfo", "BatchObserver", "BatchStart", "IngestServicer"]
 
 log = logging.getLogger(__name__)
+
+SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+
+#: A request as the handlers receive it: the message's bytes as they came
+#: off the wire, or an EventBatch from an in-process caller.
+Request = bytes | events_pb2.EventBatch
+
+
+@dataclass(eq=False, slots=True)
+class BatchInfo:
+    """What the telemetry hooks see of a batch: its identity and its size,
+    never its events (the batch is not parsed into objects)."""
+
+    size: int
+
 
 #: Called once per committed batch with (batch, ack, commit seconds, the
 #: writer's result with the batch's sequence range); the telemetry stage hooks
 #: in here. Never per event.
-BatchObserver = Callable[[events_pb2.EventBatch, events_pb2.IngestAck, float, IngestResult], None]
+BatchObserver = Callable[[BatchInfo, events_pb2.IngestAck, float, IngestResult], None]
 #: Called when a batch is submitted; may return a callback for the commit.
-BatchStart = Callable[[events_pb2.EventBatch], Callable[[IngestResult], None] | None]
+BatchStart = Callable[[BatchInfo], Callable[[IngestResult], None] | None]
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -34,17 +51,50 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     the ack is sent once the writer's transaction is committed. Acks of one
     stream go out in order, but several batches may be committing at once
     (``ingest.max_inflight_batches``), so reading is never stalled by fsync.
+
+    Register it with :meth:`add_to_server`: the handlers take the requests'
+    bytes undecoded, and :class:`BatchDecoder` splits and checks them (the
+    compiled path stores each event's bytes as the client sent them). A
+    message that is not an EventBatch answers ``INVALID_ARGUMENT`` naming
+    the byte offset.
     """
 
-    def __init__(self, writer: StoreWriter, ingest: IngestConfig, server: ServerConfig) -> None:
+    def __init__(
+        self,
+        writer: StoreWriter,
+        ingest: IngestConfig,
+        server: ServerConfig,
+        *,
+        decoder: BatchDecoder | None = None,
+    ) -> None:
         self._writer = writer
-        self._validator = EventValidator(ingest)
+        self.decoder = decoder or BatchDecoder(ingest)
         self._max_inflight = ingest.max_inflight_batches
         self._max_streams = server.max_concurrent_streams
         self._observers: list[BatchObserver] = []
         self._batch_start: BatchStart | None = None
         self._draining = asyncio.Event()
         self.open_streams = 0
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Registers both RPCs, taking their requests as bytes (no deserializer)."""
+        ack = events_pb2.IngestAck.SerializeToString
+        handlers = {
+            "StreamEvents": grpc.stream_stream_rpc_method_handler(
+                self.StreamEvents, request_deserializer=None, response_serializer=ack
+            ),
+            "RecordEvents": grpc.unary_unary_rpc_method_handler(
+                self.RecordEvents, request_deserializer=None, response_serializer=ack
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    def status(self) -> dict[str, Any]:
+        """``path``: ``compiled`` or ``python``, which path decodes batches."""
+        return {"path": self.decoder.path}
 
     def add_observer(self, observer: BatchObserver) -> None:
         self._observers.append(observer)
@@ -61,33 +111,38 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     # -- core ------------------------------------------------------------
 
-    def _submit(
-        self, batch: events_pb2.EventBatch
-    ) -> Callable[[], Awaitable[events_pb2.IngestAck]]:
-        check = self._validator.check
-        items: list[tuple[bytes, bytes]] = []
-        rejections: list[events_pb2.Rejection] = []
-        for index, event in enumerate(batch.events):
-            reason = check(event)
-            if reason is None:
-                items.append((event.event_id.encode(), event.SerializeToString()))
-            else:
-                rejections.append(events_pb2.Rejection(index=index, reason=reason))
+    def _decode(self, request: Request) -> DecodedBatch:
+        if isinstance(request, bytes):
+            return self.decoder.decode(request)
+        return self.decoder.decode_message(request)
+
+    def _submit(self, request: Request) -> Callable[[], Awaitable[events_pb2.IngestAck]]:
+        """Decodes and queues one batch; the callable awaits its ack.
+        Raises BatchDecodeError (nothing is queued then)."""
+        decoded = self._decode(request)
+        info = BatchInfo(decoded.size)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        on_commit = self._batch_start(batch) if self._batch_start is not None else None
-        fut = asyncio.wrap_future(self._writer.submit_events(items, len(rejections), on_commit))
+        on_commit = self._batch_start(info) if self._batch_start is not None else None
+        fut = asyncio.wrap_future(
+            self._writer.submit_events(decoded.items, len(decoded.rejected), on_commit)
+        )
+        rejected = decoded.rejected
 
         async def finish() -> events_pb2.IngestAck:
             result: IngestResult = await fut
             ack = events_pb2.IngestAck(
-                accepted=result.accepted, duplicates=result.duplicates, rejected=rejections
+                accepted=result.accepted,
+                duplicates=result.duplicates,
+                rejected=[events_pb2.Rejection(index=i, reason=r) for i, r in rejected]
+                if rejected
+                else None,
             )
             if self._observers:
                 elapsed = loop.time() - started
                 for observer in self._observers:
                     try:
-                        observer(batch, ack, elapsed, result)
+                        observer(info, ack, elapsed, result)
                     except Exception:
                         log.exception("ingest observer failed")
             return ack
@@ -105,19 +160,22 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     # -- RPCs ------------------------------------------------------------
 
     async def RecordEvents(
-        self, request: events_pb2.EventBatch, context: grpc.aio.ServicerContext
+        self, request: Request, context: grpc.aio.ServicerContext
     ) -> events_pb2.IngestAck:
         if self._draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "sidecar is shutting down")
         try:
             return await self._submit(request)()
+        except BatchDecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # unreachable: abort raises
         except StoreError as exc:
             await self._abort_for(context, exc)
             raise  # unreachable: abort raises
 
     async def StreamEvents(
         self,
-        request_iterator: AsyncIterator[events_pb2.EventBatch],
+        request_iterator: AsyncIterator[Request],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[events_pb2.IngestAck]:
         if self._draining.is_set():
@@ -134,8 +192,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
         async def read() -> None:
             try:
-                async for batch in request_iterator:
-                    await pending.put(self._submit(batch))
+                async for request in request_iterator:
+                    try:
+                        submitted = self._submit(request)
+                    except BatchDecodeError as exc:
+                        await pending.put(_failed(exc))
+                        return  # the stream ends with INVALID_ARGUMENT after the earlier acks
+                    await pending.put(submitted)
             finally:
                 await pending.put(None)
 
@@ -150,6 +213,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     break
                 try:
                     ack = await nxt()
+                except BatchDecodeError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 except StoreError as exc:
                     await self._abort_for(context, exc)
                 yield ack
@@ -160,3 +225,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             drain_wait.cancel()
             if not reader.done():
                 reader.cancel()
+
+
+def _failed(exc: BatchDecodeError) -> Callable[[], Awaitable[events_pb2.IngestAck]]:
+    async def fail() -> events_pb2.IngestAck:
+        raise exc
+
+    return fail

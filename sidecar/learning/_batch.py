@@ -12,7 +12,10 @@ pairs and returns it with
   ``source="replay"``.
 
 Samples that do not qualify for SFT (kept for their negative feedback, as
-KTO rows) pass through untouched. The work runs through the store writer in
+KTO rows) pass through untouched. Qualifying samples that a full batch left
+out stay pending; :meth:`SelectiveReplayStep.carried` names them, and the
+training stage puts them into the next batch beside the new samples, where
+they are ranked again (see ``SelectiveReplayComposer``). The work runs through the store writer in
 one transaction, so the holdout decisions, the priority index and memory
 move together with the batch.
 
@@ -39,6 +42,8 @@ __all__ = ["SelectiveReplayStep"]
 
 class _Sample(Protocol):
     @property
+    def no(self) -> int: ...
+    @property
     def request_id(self) -> str: ...
     @property
     def prompt(self) -> str: ...
@@ -63,7 +68,16 @@ def _candidate(s: _Sample, task_attribute: str, default_task: str) -> CandidateS
     # the Inference's kept attributes (expertise, priority, expected score)
     attrs = dict(getattr(s, "attributes", ()))
     attrs[task_attribute] = sample_task(s, task_attribute, default_task)
-    return CandidateSample(s.request_id, s.prompt, s.completion, float(s.reward), logprobs, attrs)
+    return CandidateSample(
+        s.request_id,
+        s.prompt,
+        s.completion,
+        float(s.reward),
+        logprobs,
+        attrs,
+        no=int(s.no),
+        closed_ms=int(getattr(s, "closed_ms", 0)),
+    )
 
 
 class SelectiveReplayStep:
@@ -78,6 +92,11 @@ class SelectiveReplayStep:
         self._composer = composer
         self._task_attribute = task_attribute
         self._default_task = default_task
+
+    def carried(self, txn: lmdb.Transaction) -> list[tuple[int, str]]:
+        """(sample number, request id) of the samples an earlier batch left
+        pending: the training stage offers them with the next batch."""
+        return self._composer.pending_samples(txn)
 
     async def compose(self, batch: Any, ctx: Any) -> Any:
         new = [s for s in batch.samples if s.source == "new" and s.qualifies]

@@ -10,7 +10,18 @@ snapshot. Given the curated samples waiting to be learned from, it
    ``round(new * replay_ratio / (1 - replay_ratio))`` of the batch (fewer only
    when memory holds fewer samples), each row marked ``source`` ``new`` or
    ``replay``;
-4. offers the new samples to memory and drops them from the priority index.
+4. offers the new samples to memory;
+5. leaves pending, in the priority index, the good samples (at or above the
+   threshold) that were cut only because the batch was full: at most
+   ``max_pending_samples``, highest value first, and only those younger than
+   ``max_pending_age_seconds`` in log time (their reward window's end against
+   the newest candidate's). The caller offers them again with the next
+   batch's candidates (:meth:`SelectiveReplayComposer.pending_samples`);
+   everything else leaves the index, so nothing is trained on twice.
+
+The candidates of a batch are the new samples and the pending ones; a
+pending sample that is no longer offered (its source was quarantined since,
+say) is dropped.
 
 It runs on the writer thread inside the snapshot's transaction, so the
 batch, the memory and the index move together; the same state and update id
@@ -88,6 +99,11 @@ class SelectiveReplayComposer:
     def holdout(self) -> HoldoutSet:
         return self._holdout
 
+    def pending_samples(self, txn: lmdb.Transaction) -> list[tuple[int, str]]:
+        """(sample number, sample id) of the samples an earlier batch left
+        pending, to offer with the next batch's candidates."""
+        return self._selective.pending_samples(txn)
+
     def held_out(self, txn: lmdb.Transaction, sample_ids: Sequence[str]) -> frozenset[str]:
         """Which of these samples are held out (for filtering pairs and exports)."""
         return self._holdout.held_out_ids(txn, sample_ids)
@@ -118,14 +134,14 @@ class SelectiveReplayComposer:
         trainable, held = self.split_holdout(txn, candidates)
         vec = self._memory.vectorizer
         vectors = vec.vectorize([s.text for s in trainable])
-        valued = self._selective.assess(txn, trainable, vectors)
+        # the index is rewritten below to hold just what stays pending
+        valued = self._selective.assess(txn, trainable, vectors, file=False)
         order = sorted(
             (i for i, v in enumerate(valued) if v.value >= cfg.value_threshold),
             key=lambda i: (-valued[i].value, valued[i].sample.sample_id),
         )
-        if cfg.max_batch_samples:
-            order = order[: cfg.max_batch_samples]
-        chosen = [valued[i] for i in order]
+        take = order[: cfg.max_batch_samples] if cfg.max_batch_samples else order
+        chosen = [valued[i] for i in take]
         new_rows = [
             ComposedRow(
                 sample_id=v.sample.sample_id,
@@ -166,9 +182,20 @@ class SelectiveReplayComposer:
                 )
                 for v in chosen
             ],
-            vectors[order] if order else None,
+            vectors[take] if take else None,
         )
-        self._selective.forget(txn, [r.sample_id for r in new_rows])
+        # What the batch left out only because it was full waits for the next
+        # one, within the pending bounds; everything else leaves the index.
+        rest = order[len(take) :]
+        max_age_ms = cfg.max_pending_age_seconds * 1000
+        newest = max((s.closed_ms for s in trainable), default=0)
+        young = [
+            i
+            for i in rest
+            if not (max_age_ms > 0 and newest - valued[i].sample.closed_ms > max_age_ms)
+        ]
+        pending = young[: cfg.max_pending_samples]
+        self._selective.keep_pending(txn, [valued[i] for i in pending])
         total = len(new_rows) + len(replay_rows)
         stats = {
             "candidates": len(candidates),
@@ -176,6 +203,12 @@ class SelectiveReplayComposer:
             "below_threshold": len(valued)
             - sum(1 for v in valued if v.value >= cfg.value_threshold),
             "new": len(new_rows),
+            # offered again after an earlier batch left them pending
+            "carried": sum(1 for v in valued if v.carried),
+            "carried_chosen": sum(1 for v in chosen if v.carried),
+            "pending": len(pending),
+            "pending_dropped_too_old": len(rest) - len(young),
+            "pending_dropped_over_cap": len(young) - len(pending),
             "replay": len(replay_rows),
             "replay_wanted": want,
             "replay_ratio": len(replay_rows) / total if total else 0.0,

@@ -12,7 +12,12 @@ Triggers (the seed's four, plus a manual one):
   ``error_threshold``;
 - ``manual``: ``TriggerLearning``.
 
-Automatic triggers need at least one new qualifying sample. A trigger is
+Samples that an earlier batch left out because it was full (selective
+learning keeps them pending, ``selective.max_batch_samples``) count as
+pending too: ``carried(txn)`` gives their number, and the count and time
+triggers, the status and a manual trigger see them beside the new ones.
+
+Automatic triggers need at least one pending qualifying sample. A trigger is
 suppressed while a rollout is active, while a training run is in flight, and
 by the rate limit (``min_interval_seconds`` and ``max_updates_per_day``), and
 after a failed run by a backoff (``failure_backoff_seconds``, doubled per
@@ -94,6 +99,8 @@ class LearningScheduler:
     ``rollout_active`` is asked on each evaluation; the rollout engine
     replaces it (``scheduler.rollout_active = engine.is_active``).
     ``stable_version(txn)`` names the stable model (the registry provides it).
+    ``carried(txn)`` counts the samples left pending by earlier batches
+    (selective learning provides it; none by default).
     """
 
     def __init__(
@@ -103,11 +110,13 @@ class LearningScheduler:
         *,
         stable_version: Callable[[lmdb.Transaction], str | None] = lambda txn: None,
         rollout_active: Callable[[], bool] = lambda: False,
+        carried: Callable[[lmdb.Transaction], int] = lambda txn: 0,
     ) -> None:
         self._store = store
         self.config = config
         self._stable = stable_version
         self.rollout_active = rollout_active
+        self.carried = carried
         self.fired = 0
         self.suppressed = 0
 
@@ -122,7 +131,13 @@ class LearningScheduler:
     def pending(self, txn: lmdb.Transaction, st: SchedulerState | None = None) -> int:
         st = st or self.state(txn)
         c = read_counters(txn, self._store)
-        return max(0, c.sft - st.sft_marker) + max(0, c.pairs - st.pairs_marker)
+        return self._pending(txn, st, c.sft, c.pairs)
+
+    def _pending(self, txn: lmdb.Transaction, st: SchedulerState, sft: int, pairs: int) -> int:
+        """New qualifying samples and pairs since the last update, plus the
+        samples earlier batches left pending."""
+        new = max(0, sft - st.sft_marker) + max(0, pairs - st.pairs_marker)
+        return new + self.carried(txn)
 
     # -- evaluation ----------------------------------------------------------------
 
@@ -139,7 +154,7 @@ class LearningScheduler:
             st.created_ms = now_ms
             self._save(txn, st)
         counters = read_counters(txn, self._store)
-        pending = max(0, counters.sft - st.sft_marker) + max(0, counters.pairs - st.pairs_marker)
+        pending = self._pending(txn, st, counters.sft, counters.pairs)
         stable = self._stable(txn) or ""
         trigger, reason = self._condition(txn, st, now_ms, pending, stable, manual_reason)
         if not trigger:
@@ -270,7 +285,10 @@ class LearningScheduler:
         if st.in_flight:
             return "training_in_progress", f"update {st.in_flight} is still running"
         if manual and pending < 1:
-            return "no_new_samples", "no new qualifying samples since the last update"
+            return (
+                "no_new_samples",
+                "no new qualifying samples (and none pending) since the last update",
+            )
         if st.last_update_ms:
             interval = cfg.min_interval_seconds * 1000
             if st.failures:

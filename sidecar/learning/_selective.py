@@ -13,11 +13,19 @@ A sample's value is a weighted mean of five features, each in [0, 1]:
 - priority: how much the task matters (attribute or per-task config).
 
 Values are kept in the ``priority`` database as an index ordered by value,
-highest first, so the learning batch takes the best samples without
-rescoring everything. Layout:
+highest first. Between updates the index holds exactly the pending samples:
+good samples that a learning batch left out only because it was full
+(``selective.max_batch_samples``). The next batch composition offers them
+again (:meth:`SelectiveLearner.pending_samples`), values them anew (memory
+has moved on) and ranks them with the samples that arrived since; what is
+neither chosen nor kept pending is dropped (:meth:`SelectiveLearner.keep_pending`).
+Layout:
 
-- ``v`` + u32 (inverted value) + sample id: the sample's features (JSON)
+- ``v`` + u32 (inverted value) + sample id: the sample's features, and its
+  sample number and reward window's end when known (JSON)
 - ``s`` + sample id: its current ``v`` key (to replace or drop it)
+- ``n``: how many samples the index holds (u64), so the scheduler's pending
+  count is one read
 - ``e`` + 8-byte task digest: the task's running mean reward
 """
 
@@ -37,12 +45,13 @@ from sidecar.config import SelectiveConfig
 from sidecar.learning._keys import id_key, task_key
 from sidecar.learning._memory import MemoryConsolidation
 from sidecar.learning._vectors import Matrix, uncertainty
-from sidecar.store import Store
+from sidecar.store import Store, decode_u64, encode_u64
 
 __all__ = ["CandidateSample", "SelectiveLearner", "ValueFeatures", "ValuedSample"]
 
 _U32 = struct.Struct(">I")
 _SCALE = 0xFFFFFFFF
+_COUNT_KEY = b"n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,11 @@ class CandidateSample:
     reward: float
     token_logprobs: Sequence[float] = ()
     attributes: Mapping[str, str] = field(default_factory=dict)
+    #: The sample's number in the ``samples`` database (0: not stored there);
+    #: a pending sample is offered again by it.
+    no: int = 0
+    #: End of its reward window (log time, ms; 0: unknown): its age.
+    closed_ms: int = 0
 
     @property
     def text(self) -> str:
@@ -77,6 +91,9 @@ class ValuedSample:
     task_id: str
     features: ValueFeatures
     value: float
+    #: It was in the index already (pending from an earlier batch): valued
+    #: again, its reward not counted again in its task's running mean.
+    carried: bool = False
 
 
 def _level(raw: str | None, levels: Mapping[str, float], default: float) -> float:
@@ -166,21 +183,27 @@ class SelectiveLearner:
         vectors: Matrix | None = None,
         *,
         index: bool = True,
+        file: bool | None = None,
     ) -> list[ValuedSample]:
-        """Values each sample and (with ``index``) files it in the priority index.
+        """Values each sample; with ``index`` stores the tasks' running means
+        and (unless ``file`` is False) files each sample in the priority index.
 
         Each sample's reward also updates its task's running mean, after its
-        own error was measured against the previous mean; samples are taken
-        in the order given, so the same input gives the same values.
+        own error was measured against the previous mean, once: a sample
+        already in the index (pending) is valued against the mean but does
+        not move it again. Samples are taken in the order given, so the same
+        input gives the same values.
         """
         c = self._c
         if vectors is None:
             vectors = self._memory.vectorizer.vectorize([s.text for s in samples])
         tasks = [self._memory.task_of(s.attributes) for s in samples]
         novelty = self._novelty(txn, tasks, vectors)
+        db = self._db()
+        old_keys = [txn.get(b"s" + id_key(s.sample_id), db=db) for s in samples]
         out: list[ValuedSample] = []
         means: dict[str, tuple[float, int]] = {}
-        for s, task, nov in zip(samples, tasks, novelty, strict=True):
+        for s, task, nov, old in zip(samples, tasks, novelty, old_keys, strict=True):
             u = uncertainty(s.token_logprobs, c.uncertainty)
             if task not in means:
                 means[task] = self._expected(txn, task)
@@ -188,8 +211,9 @@ class SelectiveLearner:
             attr = s.attributes.get(c.expected_score_attribute)
             expected = _level(attr, {}, mean) if attr else mean
             reward = min(1.0, max(0.0, float(s.reward)))
-            alpha = max(c.expected_score_alpha, 1.0 / (n + 1))
-            means[task] = (mean + alpha * (reward - mean), n + 1)
+            if old is None:
+                alpha = max(c.expected_score_alpha, 1.0 / (n + 1))
+                means[task] = (mean + alpha * (reward - mean), n + 1)
             priority_default = c.task_priorities.get(task, c.default_priority)
             f = ValueFeatures(
                 uncertainty=c.default_uncertainty if u is None else u,
@@ -204,31 +228,50 @@ class SelectiveLearner:
                     s.attributes.get(c.priority_attribute), c.priority_levels, priority_default
                 ),
             )
-            out.append(ValuedSample(sample=s, task_id=task, features=f, value=self.value(f)))
+            out.append(
+                ValuedSample(
+                    sample=s,
+                    task_id=task,
+                    features=f,
+                    value=self.value(f),
+                    carried=old is not None,
+                )
+            )
         if index:
-            db = self._db()
             for task, (mean, n) in means.items():
                 doc = {"task_id": task, "mean": mean, "n": n}
                 txn.put(b"e" + task_key(task), json.dumps(doc).encode(), db=db)
-            for v in out:
-                self._file(txn, v)
+        if index and file is not False:
+            count = self.pending_count(txn)
+            # a sample offered twice in one call is filed once
+            filed: dict[bytes, bytes] = {}
+            for v, old in zip(out, old_keys, strict=True):
+                sid = id_key(v.sample.sample_id)
+                prev = filed.get(sid, None if old is None else bytes(old))
+                filed[sid] = self._file(txn, v, sid, prev)
+                count += prev is None
+            self._set_count(txn, count)
         return out
 
-    def _file(self, txn: lmdb.Transaction, v: ValuedSample) -> None:
+    def _file(self, txn: lmdb.Transaction, v: ValuedSample, sid: bytes, old: bytes | None) -> bytes:
         db = self._db()
-        sid = id_key(v.sample.sample_id)
-        old = txn.get(b"s" + sid, db=db)
         if old is not None:
-            txn.delete(bytes(old), db=db)
+            txn.delete(old, db=db)
         key = _value_key(v.value, sid)
         doc = {
             "sample_id": v.sample.sample_id,
             "task_id": v.task_id,
             "value": v.value,
             **asdict(v.features),
+            "no": v.sample.no,
+            "closed_ms": v.sample.closed_ms,
         }
         txn.put(key, json.dumps(doc).encode(), db=db)
         txn.put(b"s" + sid, key, db=db)
+        return key
+
+    def _set_count(self, txn: lmdb.Transaction, n: int) -> None:
+        txn.put(_COUNT_KEY, encode_u64(max(0, n)), db=self._db())
 
     # -- the index ---------------------------------------------------------
 
@@ -275,7 +318,66 @@ class SelectiveLearner:
             txn.delete(bytes(key), db=db)
             txn.delete(b"s" + sid, db=db)
             n += 1
+        if n:
+            self._set_count(txn, self.pending_count(txn) - n)
         return n
+
+    def keep_pending(self, txn: lmdb.Transaction, pending: Sequence[ValuedSample]) -> int:
+        """Makes the index hold exactly ``pending``, filed at their current
+        values; drops every other entry. Returns how many were dropped.
+        Writer thread."""
+        db = self._db()
+        filed: dict[bytes, bytes] = {}
+        with txn.cursor(db=db) as cur:
+            if cur.set_range(b"s"):
+                for key, vkey in cur:
+                    k = bytes(key)
+                    if not k.startswith(b"s"):
+                        break
+                    filed[k[1:]] = bytes(vkey)
+        kept: set[bytes] = set()
+        for v in pending:
+            sid = id_key(v.sample.sample_id)
+            if sid in kept:
+                continue
+            kept.add(sid)
+            self._file(txn, v, sid, filed.pop(sid, None))
+        for sid, vkey in filed.items():
+            txn.delete(vkey, db=db)
+            txn.delete(b"s" + sid, db=db)
+        self._set_count(txn, len(kept))
+        return len(filed)
+
+    def pending_count(self, txn: lmdb.Transaction) -> int:
+        """How many samples wait in the index for a later batch (one read)."""
+        db = self._db()
+        raw = txn.get(_COUNT_KEY, db=db)
+        if raw is not None:
+            return decode_u64(raw)
+        # an index written before the count was kept: count it
+        n = 0
+        with txn.cursor(db=db) as cur:
+            if cur.set_range(b"s"):
+                for key in cur.iternext(keys=True, values=False):
+                    if not bytes(key).startswith(b"s"):
+                        break
+                    n += 1
+        return n
+
+    def pending_samples(self, txn: lmdb.Transaction) -> list[tuple[int, str]]:
+        """(sample number, sample id) of each pending sample, by sample number.
+
+        Entries without a sample number (filed by a caller that had none)
+        cannot be offered again and are left out; the next
+        :meth:`keep_pending` drops them.
+        """
+        out: list[tuple[int, str]] = []
+        for doc in self.ranked(txn):
+            no = int(doc.get("no") or 0)
+            if no > 0:
+                out.append((no, str(doc["sample_id"])))
+        out.sort()
+        return out
 
     def status(self) -> dict[str, Any]:
         threshold = self._c.value_threshold
@@ -290,4 +392,13 @@ class SelectiveLearner:
                     indexed += 1
                     if k[:5] <= cut[:5]:
                         above += 1
-        return {"indexed": indexed, "above_threshold": above, "value_threshold": threshold}
+        with self._store.read() as txn:
+            pending = self.pending_count(txn)
+        return {
+            "indexed": indexed,
+            "above_threshold": above,
+            "value_threshold": threshold,
+            # good samples a full batch left for a later update
+            "pending": pending,
+            "max_pending_samples": self._c.max_pending_samples,
+        }

@@ -123,6 +123,8 @@ class RolloutEngine:
             comparator or comparator_by_name(config.shadow.comparator),
             pool_size=config.regression_pool,
             good_reward=config.regression_min_reward,
+            join_capacity=config.feedback_join_capacity,
+            feedback_window_ms=round(config.feedback_window_seconds * 1000),
         )
         self._probe_cmp = comparator_by_name(config.validation.comparator)
         self._autorun = autorun

@@ -19,7 +19,7 @@ from sidecar.store._processor import (
     read_cursor,
 )
 from sidecar.store._retention import CURSOR_PREFIX, Retention, TrimResult, trim
-from sidecar.store._writer import IngestResult, StoreWriter, WriterStats
+from sidecar.store._writer import IngestResult, StoreWriter, WriterStats, append_rows
 
 __all__ = [
     "CURSOR_PREFIX",
@@ -36,6 +36,7 @@ __all__ = [
     "TrimResult",
     "WriterStats",
     "append_history",
+    "append_rows",
     "decode_id_value",
     "decode_log_value",
     "decode_u64",

@@ -22,12 +22,13 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from sidecar._compiled import RowBuilder, row_builder
 from sidecar.config import StoreConfig
 from sidecar.errors import StoreError, StoreFullError
 from sidecar.store._codec import decode_u64, encode_u64
 from sidecar.store._env import Store
 
-__all__ = ["IngestResult", "StoreWriter", "WriterStats"]
+__all__ = ["IngestResult", "StoreWriter", "WriterStats", "append_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class StoreWriter:
         self._next_seq = 1
         self._listeners: list[Callable[[int], None]] = []
         self._stopping = False
+        self._rows: RowBuilder = row_builder() or append_rows
         self.stats = WriterStats()
 
     # -- lifecycle -------------------------------------------------------
@@ -311,7 +313,9 @@ class StoreWriter:
             for job in jobs:
                 if isinstance(job, _IngestJob):
                     first = seq
-                    seq, dups = _append_events(txn, ids_db, events_db, job.items, seq, now_ms)
+                    seq, dups = _append_events(
+                        txn, ids_db, events_db, job.items, seq, now_ms, self._rows
+                    )
                     accepted = seq - first
                     accepted_total += accepted
                     dup_total += dups
@@ -348,6 +352,18 @@ class StoreWriter:
         return results, seq, counts
 
 
+def append_rows(
+    items: Sequence[tuple[bytes, bytes]], seq: int, now_ms: int
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """The dedupe rows (event_id -> seq + ingest ms) and the log rows
+    (seq -> ingest ms + event) of ``items`` numbered from ``seq``. The
+    compiled builder (``sidecar/_fastpath.c``) gives the same rows."""
+    now = encode_u64(now_ms)
+    id_rows = [(eid, encode_u64(seq + i) + now) for i, (eid, _) in enumerate(items)]
+    log_rows = [(encode_u64(seq + i), now + payload) for i, (_, payload) in enumerate(items)]
+    return id_rows, log_rows
+
+
 def _append_events(
     txn: lmdb.Transaction,
     ids_db: Any,
@@ -355,6 +371,7 @@ def _append_events(
     items: Sequence[tuple[bytes, bytes]],
     seq: int,
     now_ms: int,
+    rows: RowBuilder = append_rows,
 ) -> tuple[int, int]:
     """Dedupes ``items`` by event id and appends the new ones to the log.
 
@@ -366,15 +383,17 @@ def _append_events(
     """
     if not items:
         return seq, 0
-    now = encode_u64(now_ms)
-    id_rows = [(eid, encode_u64(seq + i) + now) for i, (eid, _) in enumerate(items)]
+    try:
+        id_rows, log_rows = rows(items, seq, now_ms)
+    except TypeError:  # the compiled builder takes (bytes, bytes) tuples only
+        id_rows, log_rows = append_rows(items, seq, now_ms)
     with txn.cursor(db=ids_db) as cur:
         _consumed, added = cur.putmulti(id_rows, overwrite=False)
     if added == len(items):
-        log_rows = [(encode_u64(seq + i), now + payload) for i, (_, payload) in enumerate(items)]
         with txn.cursor(db=events_db) as cur:
             cur.putmulti(log_rows, append=True)
         return seq + len(items), 0
+    now = encode_u64(now_ms)
     log_rows = []
     seen: set[bytes] = set()
     next_seq = seq

@@ -37,6 +37,7 @@ from sidecar import __version__
 from sidecar._aio import cancel_and_wait
 from sidecar.config import TelemetryConfig
 from sidecar.errors import ConfigError
+from sidecar.ingest import BatchInfo
 from sidecar.store import IngestResult, ProcessorRunner, Store, StoreWriter, read_history
 from sidecar.telemetry import instruments as ins
 from sidecar.telemetry._traffic import TrafficView, forget_cursor
@@ -205,7 +206,7 @@ class Telemetry:
 
     # -- ingest ----------------------------------------------------------
 
-    def begin_ingest(self, batch: events_pb2.EventBatch) -> Callable[[IngestResult], None] | None:
+    def begin_ingest(self, batch: BatchInfo) -> Callable[[IngestResult], None] | None:
         """At submit, in the caller's context: starts the batch's span. Its context
         is remembered for the batch's sequence numbers on the writer thread at
         commit, so a processor reading them next always continues this trace."""
@@ -227,7 +228,7 @@ class Telemetry:
 
     def observe_ingest(
         self,
-        batch: events_pb2.EventBatch,
+        batch: BatchInfo,
         ack: events_pb2.IngestAck,
         seconds: float,
         result: IngestResult | None = None,
@@ -238,7 +239,7 @@ class Telemetry:
             return
         rejected = len(ack.rejected)
         attrs: dict[str, int] = {
-            "events": len(batch.events),
+            "events": batch.size,
             "accepted": ack.accepted,
             "duplicates": ack.duplicates,
             "rejected": rejected,

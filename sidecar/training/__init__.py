@@ -2,6 +2,7 @@
 
 from sidecar.training._composer import (
     BatchComposer,
+    CarriesSamples,
     ComposeContext,
     ComposerChain,
     LearningBatch,
@@ -32,6 +33,7 @@ __all__ = [
     "BatchComposer",
     "CandidateExistsError",
     "CandidateSpec",
+    "CarriesSamples",
     "CommandHook",
     "ComposeContext",
     "ComposerChain",

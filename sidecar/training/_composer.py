@@ -14,18 +14,34 @@ Composers chain (:class:`ComposerChain`): selective learning can reorder or
 trim, memory can add rows with ``source="replay"``, a holdout filter can
 drop rows. The default is :class:`QualityFilter`: all new samples and pairs
 except quarantined ones.
+
+A step that trims may keep what it cut for a later update: it then also
+implements :class:`CarriesSamples`, and its ``carried(txn)`` names those
+samples. The stage reads them into the next batch beside the samples scored
+since (``source="new"``, quarantine applied as to the others), and the step
+decides again; a carried sample that a step before it drops never reaches
+it, and the step lets it go.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+import lmdb
 
 from sidecar.scoring import Pair, Sample
 from sidecar.store import Store, StoreWriter
 
-__all__ = ["BatchComposer", "ComposeContext", "ComposerChain", "LearningBatch", "QualityFilter"]
+__all__ = [
+    "BatchComposer",
+    "CarriesSamples",
+    "ComposeContext",
+    "ComposerChain",
+    "LearningBatch",
+    "QualityFilter",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +86,15 @@ class BatchComposer(Protocol):
     async def compose(self, batch: LearningBatch, ctx: ComposeContext) -> LearningBatch: ...
 
 
+@runtime_checkable
+class CarriesSamples(Protocol):
+    """A step that keeps samples it cut for a later batch."""
+
+    def carried(self, txn: lmdb.Transaction) -> Sequence[tuple[int, str]]:
+        """(sample number, request id) of each sample waiting for a later batch."""
+        ...
+
+
 class QualityFilter:
     """The default step: drops rows of quarantined sources, and samples that
     neither qualify for SFT nor carry feedback (nothing to learn from)."""
@@ -93,6 +118,14 @@ class ComposerChain:
 
     def append(self, step: BatchComposer) -> None:
         self.steps.append(step)
+
+    def carried(self, txn: lmdb.Transaction) -> list[tuple[int, str]]:
+        """The samples the chain's steps keep for a later batch, by sample number."""
+        out: set[tuple[int, str]] = set()
+        for step in self.steps:
+            if isinstance(step, CarriesSamples):
+                out.update(step.carried(txn))
+        return sorted(out)
 
     async def compose(self, batch: LearningBatch, ctx: ComposeContext) -> LearningBatch:
         for step in self.steps:

@@ -39,6 +39,7 @@ from sidecar.learning import Decision, HoldoutSet, LearningScheduler
 from sidecar.scoring import (
     EXPORT_KINDS,
     FeedbackProcessor,
+    Sample,
     encode_row,
     iter_export_rows,
     iter_pairs,
@@ -48,7 +49,7 @@ from sidecar.scoring import (
     read_counters,
 )
 from sidecar.scoring._weights import current_weight_version
-from sidecar.store import Store, StoreWriter, append_history, read_history
+from sidecar.store import Store, StoreWriter, append_history, encode_u64, read_history
 from sidecar.telemetry import instruments as ins
 from sidecar.training._composer import (
     BatchComposer,
@@ -283,9 +284,10 @@ class TrainingStage:
                 z_threshold=cfg.quarantine_z,
             )
             a, b = decision.sample_range
+            carried = self._carried(txn, a)
             samples = [
                 replace(s, quarantined=any(src in quarantine for src in s.sources))
-                for s in iter_samples(txn, self._store, after_no=a, upto_no=b)
+                for s in (*carried, *iter_samples(txn, self._store, after_no=a, upto_no=b))
             ]
             pa, pb = decision.pair_range
             pairs = [
@@ -302,7 +304,29 @@ class TrainingStage:
             sample_range=decision.sample_range,
             pair_range=decision.pair_range,
         )
+        if carried:
+            ctx.extra["carried_samples"] = len(carried)
         return LearningBatch(tuple(samples), tuple(pairs)), ctx
+
+    def _carried(self, txn: lmdb.Transaction, after_no: int) -> list[Sample]:
+        """Samples an earlier batch left pending (a composer step keeps them),
+        read again; those no longer stored as they were are skipped."""
+        carried_of = getattr(self.composer, "carried", None)
+        if carried_of is None:
+            return []
+        db = self._store.db("samples")
+        out: list[Sample] = []
+        for no, request_id in carried_of(txn):
+            if no > after_no:
+                continue  # in this batch's range already
+            raw = txn.get(encode_u64(no), db=db)
+            if raw is None:
+                continue
+            sample = Sample.from_json(raw)
+            # a rebuilt store (reprocess) may number samples differently
+            if sample.request_id == request_id and sample.qualifies:
+                out.append(sample)
+        return out
 
     async def _update(self, decision: Decision) -> UpdateOutcome:
         uid = decision.update_id

@@ -22,8 +22,11 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import yaml
-from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
+from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc, events_pb2, ingest_pb2_grpc
 
+from sidecar.config import StoreConfig
+from sidecar.rollout import StoredObservations
+from sidecar.store import Store
 from sidecar.testing import DaemonProcess
 
 T = TypeVar("T")
@@ -416,3 +419,87 @@ def test_restarts_mid_canary_resume_and_converge(tmp_path: Path, procs: list[Any
     )
     assert_nothing_applied_twice(first, second)
     assert daemon.stop() == 0
+
+
+def test_feedback_after_a_restart_counts_for_the_version_that_served_it(
+    tmp_path: Path, procs: list[Any]
+) -> None:
+    """kill -9 mid-canary between requests and their feedback: after the restart
+    the feedback still counts for the candidate or the stable version."""
+    config = write_config(
+        tmp_path,
+        rollout__validation__enabled=False,
+        rollout__shadow__enabled=False,
+        # hold the first stage: no inference server moves traffic here
+        rollout__canary__min_dwell_seconds=600,
+        rollout__canary__max_dwell_seconds=600,
+        rollout__canary__min_samples=10_000,
+    )
+    data = tmp_path / "data"
+    daemon = DaemonProcess(data, config=config).start()
+    procs.append(daemon)
+    admin = Admin(daemon.target)
+    procs.append(admin)
+    rid = admin.start("v2").rollout_id
+    poll(lambda: STATE[admin.rollout(rid).state] == "ROLLOUT_STATE_CANARY", "the canary")
+
+    def record(target: str, events: list[events_pb2.Event]) -> None:
+        with grpc.insecure_channel(target) as channel:
+            ack = ingest_pb2_grpc.IngestServiceStub(channel).RecordEvents(
+                events_pb2.EventBatch(events=events), timeout=10
+            )
+        assert ack.accepted == len(events), ack
+
+    def processed(admin: Admin, n: int) -> bool:
+        return bool(admin.details()["processing"]["processors"]["rollout"]["processed"] >= n)
+
+    served = {**{f"c{i}": "v2" for i in range(5)}, **{f"s{i}": "v1" for i in range(5)}}
+    record(
+        daemon.target,
+        [
+            events_pb2.Event(
+                event_id=f"i-{r}",
+                inference=events_pb2.Inference(
+                    request_id=r, model_version=v, prompt="q", response="a", latency_ms=50
+                ),
+            )
+            for r, v in served.items()
+        ],
+    )
+    poll(lambda: processed(admin, len(served)), "the observer to see the requests")
+    # One more event: once it is processed, the round that saw the requests
+    # has been committed with its cursor.
+    record(daemon.target, [events_pb2.Event(event_id="marker", feedback=_rating("none", 1.0))])
+    poll(lambda: processed(admin, len(served) + 1), "the observer to commit")
+    daemon.kill()
+
+    daemon = DaemonProcess(data, port=daemon.port, config=config).start()
+    procs.append(daemon)
+    admin.close()
+    admin = Admin(daemon.target)
+    procs.append(admin)
+    assert STATE[admin.rollout(rid).state] == "ROLLOUT_STATE_CANARY"
+    ratings = {**{f"c{i}": 0.2 * i for i in range(5)}, **{f"s{i}": 0.1 + 0.2 * i for i in range(5)}}
+    record(
+        daemon.target,
+        [events_pb2.Event(event_id=f"f-{r}", feedback=_rating(r, x)) for r, x in ratings.items()],
+    )
+    poll(lambda: processed(admin, len(ratings)), "the observer to see the feedback")
+    assert STATE[admin.rollout(rid).state] == "ROLLOUT_STATE_CANARY"
+    assert daemon.stop() == 0
+
+    store = Store(StoreConfig(data_dir=data))
+    store.open()
+    try:
+        got = StoredObservations(store).collect(rid, 0, 0)
+    finally:
+        store.close()
+    assert got.traffic.candidate.requests == 5 and got.traffic.stable.requests == 5
+    cand = sorted(got.traffic.candidate.reward.tolist())
+    stable = sorted(got.traffic.stable.reward.tolist())
+    assert cand == pytest.approx([ratings[f"c{i}"] for i in range(5)], abs=1e-6)
+    assert stable == pytest.approx([ratings[f"s{i}"] for i in range(5)], abs=1e-6)
+
+
+def _rating(request_id: str, rating: float) -> events_pb2.Feedback:
+    return events_pb2.Feedback(request_id=request_id, rating=rating)

@@ -384,6 +384,7 @@ async def _feed(h: Harness, engine: RolloutEngine, events: list[events_pb2.Event
     def write(txn: Any) -> None:
         for k, ev in enumerate(events):
             engine.observer.process(txn, seq0 + 1000 + k, h.clock.ms, ev)
+        engine.observer.end_batch(txn)
 
     await h.writer.run(write)
 

@@ -33,9 +33,14 @@ type IngestServiceClient interface {
 	// StreamEvents is the main path. The server answers every batch with one
 	// IngestAck, in order, sent only after the batch is durable (fsync'd).
 	// A malformed event is rejected with its index and reason; the rest of its
-	// batch is stored. Errors: RESOURCE_EXHAUSTED when the disk or the store's
-	// map is full, when a message exceeds the configured size, or when too many
-	// streams are open; UNAVAILABLE while shutting down.
+	// batch is stored. That includes an event whose bytes are not a valid Event
+	// (a string field that is not valid UTF-8 is named in the reason). Stored
+	// events keep the bytes the client sent. Errors: INVALID_ARGUMENT when the
+	// message is not an EventBatch at all (its framing is broken; the details
+	// name the byte offset), and on a stream the batches before it are acked
+	// first; RESOURCE_EXHAUSTED when the disk or the store's map is full, when a
+	// message exceeds the configured size, or when too many streams are open;
+	// UNAVAILABLE while shutting down.
 	StreamEvents(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[EventBatch, IngestAck], error)
 	// RecordEvents is the unary form for low-volume producers; same semantics.
 	RecordEvents(ctx context.Context, in *EventBatch, opts ...grpc.CallOption) (*IngestAck, error)
@@ -82,9 +87,14 @@ type IngestServiceServer interface {
 	// StreamEvents is the main path. The server answers every batch with one
 	// IngestAck, in order, sent only after the batch is durable (fsync'd).
 	// A malformed event is rejected with its index and reason; the rest of its
-	// batch is stored. Errors: RESOURCE_EXHAUSTED when the disk or the store's
-	// map is full, when a message exceeds the configured size, or when too many
-	// streams are open; UNAVAILABLE while shutting down.
+	// batch is stored. That includes an event whose bytes are not a valid Event
+	// (a string field that is not valid UTF-8 is named in the reason). Stored
+	// events keep the bytes the client sent. Errors: INVALID_ARGUMENT when the
+	// message is not an EventBatch at all (its framing is broken; the details
+	// name the byte offset), and on a stream the batches before it are acked
+	// first; RESOURCE_EXHAUSTED when the disk or the store's map is full, when a
+	// message exceeds the configured size, or when too many streams are open;
+	// UNAVAILABLE while shutting down.
 	StreamEvents(grpc.BidiStreamingServer[EventBatch, IngestAck]) error
 	// RecordEvents is the unary form for low-volume producers; same semantics.
 	RecordEvents(context.Context, *EventBatch) (*IngestAck, error)

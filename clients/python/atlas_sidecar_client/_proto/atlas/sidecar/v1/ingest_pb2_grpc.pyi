@@ -39,9 +39,14 @@ class IngestServiceStub:
     """StreamEvents is the main path. The server answers every batch with one
     IngestAck, in order, sent only after the batch is durable (fsync'd).
     A malformed event is rejected with its index and reason; the rest of its
-    batch is stored. Errors: RESOURCE_EXHAUSTED when the disk or the store's
-    map is full, when a message exceeds the configured size, or when too many
-    streams are open; UNAVAILABLE while shutting down.
+    batch is stored. That includes an event whose bytes are not a valid Event
+    (a string field that is not valid UTF-8 is named in the reason). Stored
+    events keep the bytes the client sent. Errors: INVALID_ARGUMENT when the
+    message is not an EventBatch at all (its framing is broken; the details
+    name the byte offset), and on a stream the batches before it are acked
+    first; RESOURCE_EXHAUSTED when the disk or the store's map is full, when a
+    message exceeds the configured size, or when too many streams are open;
+    UNAVAILABLE while shutting down.
     """
     RecordEvents: _grpc.UnaryUnaryMultiCallable[_events_pb2.EventBatch, _events_pb2.IngestAck]
     """RecordEvents is the unary form for low-volume producers; same semantics."""
@@ -57,9 +62,14 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """StreamEvents is the main path. The server answers every batch with one
     IngestAck, in order, sent only after the batch is durable (fsync'd).
     A malformed event is rejected with its index and reason; the rest of its
-    batch is stored. Errors: RESOURCE_EXHAUSTED when the disk or the store's
-    map is full, when a message exceeds the configured size, or when too many
-    streams are open; UNAVAILABLE while shutting down.
+    batch is stored. That includes an event whose bytes are not a valid Event
+    (a string field that is not valid UTF-8 is named in the reason). Stored
+    events keep the bytes the client sent. Errors: INVALID_ARGUMENT when the
+    message is not an EventBatch at all (its framing is broken; the details
+    name the byte offset), and on a stream the batches before it are acked
+    first; RESOURCE_EXHAUSTED when the disk or the store's map is full, when a
+    message exceeds the configured size, or when too many streams are open;
+    UNAVAILABLE while shutting down.
     """
     RecordEvents: _aio.UnaryUnaryMultiCallable[_events_pb2.EventBatch, _events_pb2.IngestAck]  # type: ignore[assignment]
     """RecordEvents is the unary form for low-volume producers; same semantics."""
@@ -78,9 +88,14 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """StreamEvents is the main path. The server answers every batch with one
         IngestAck, in order, sent only after the batch is durable (fsync'd).
         A malformed event is rejected with its index and reason; the rest of its
-        batch is stored. Errors: RESOURCE_EXHAUSTED when the disk or the store's
-        map is full, when a message exceeds the configured size, or when too many
-        streams are open; UNAVAILABLE while shutting down.
+        batch is stored. That includes an event whose bytes are not a valid Event
+        (a string field that is not valid UTF-8 is named in the reason). Stored
+        events keep the bytes the client sent. Errors: INVALID_ARGUMENT when the
+        message is not an EventBatch at all (its framing is broken; the details
+        name the byte offset), and on a stream the batches before it are acked
+        first; RESOURCE_EXHAUSTED when the disk or the store's map is full, when a
+        message exceeds the configured size, or when too many streams are open;
+        UNAVAILABLE while shutting down.
         """
 
     @_abc_1.abstractmethod
