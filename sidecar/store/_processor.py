@@ -58,6 +58,10 @@ _Row = tuple[int, int, events_pb2.Event | None]
 
 #: Per-event cost assumed for a processor before its first round is measured.
 _FIRST_COST_SECONDS = 100e-6
+#: Fewest events a round offers (unless fewer wait): a round's fixed cost
+#: (its transaction, a processor's end_batch) is spread over at least these.
+#: Also how often a processor checks its time limit.
+_MIN_ROUND = 64
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +313,7 @@ class ProcessorRunner:
             share = max((deadline - time.perf_counter()) / (len(groups) - i), 0.001)
             costs = [self._cost.get(p.name, _FIRST_COST_SECONDS) for p in group]
             first = min(cursors[p.name] for p in group)
-            n = max(1, min(self._batch, int(share / sum(costs))))
+            n = max(min(_MIN_ROUND, self._batch), min(self._batch, int(share / sum(costs))))
             rows = self._read(txn, first, last, n)
             for proc, cost in zip(group, costs, strict=True):
                 start = cursors[proc.name]
@@ -328,12 +332,13 @@ class ProcessorRunner:
                     done = self._apply(txn, proc, todo, limit)
                     spent = time.perf_counter() - began
                     span.set_attribute("events", done)
-                    ins.link_ingests(span, start, start + done - 1)
+                    end = todo[done - 1][0] if done else start - 1
+                    ins.link_ingests(span, start, end)
                 if done >= 8:
                     per_event = spent / done
                     old = self._cost.get(proc.name)
                     self._cost[proc.name] = per_event if old is None else (old + per_event) / 2
-                cursors[proc.name] = start + done
+                cursors[proc.name] = end + 1
                 st = self.stats[proc.name]
                 st.batches += 1
                 report[proc.name] = (start, done)
@@ -401,7 +406,7 @@ class ProcessorRunner:
             for seq, ingest_ms, event in rows:
                 process(child, seq, ingest_ms, event or _unparsed(seq))
                 done += 1
-                if done % 64 == 0 and clock() > deadline:
+                if done % _MIN_ROUND == 0 and clock() > deadline:
                     break
             if end_batch is not None:
                 end_batch(child)
@@ -431,7 +436,7 @@ class ProcessorRunner:
                     self._dead_letter(txn, proc.name, seq, exc)
                     st.dead_lettered += 1
                 done += 1
-                if done % 64 == 0 and clock() > deadline:
+                if done % _MIN_ROUND == 0 and clock() > deadline:
                     break
             # the events after the bad one are left to the next round
         last_done = rows[done - 1][0]
