@@ -173,6 +173,11 @@ class FeedbackProcessor:
     model version (the registry uses it to learn the initial stable version).
     Implements ``end_batch`` (:class:`sidecar.store.BatchingLogProcessor`):
     a caller of ``process`` must call it before committing.
+
+    Each new sample is handed, in the transaction that stores it, to every
+    ``sample_document_listeners`` entry (the stored document) and then to
+    every ``sample_listeners`` entry (a :class:`Sample`, built only when
+    there is such a listener); each new pair to ``pair_listeners``.
     """
 
     name = "scoring"
