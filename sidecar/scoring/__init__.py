@@ -3,6 +3,7 @@
 from sidecar.scoring._processor import (
     FeedbackProcessor,
     PairListener,
+    SampleDocumentListener,
     SampleListener,
     table_from_config,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "PairListener",
     "RowExclusion",
     "Sample",
+    "SampleDocumentListener",
     "SampleListener",
     "Score",
     "ScoringCounters",

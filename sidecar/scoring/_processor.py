@@ -44,6 +44,7 @@ pairs are built and stored as plain documents (the same bytes
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -81,6 +82,7 @@ _SIGNAL_NAMES = {v: k for k, v in S.items()}
 _ENGAGE = int(S.ENGAGE)
 _NO_DEADLINE = 1 << 64
 _MISSING: Any = object()
+_unpack_u64 = struct.Struct(">Q").unpack_from
 _NO_COUNTERS = ScoringCounters().pack()
 _SOURCE = struct.Struct(">Qd")
 _PROMPT_ENTRY = struct.Struct(">d8s")
@@ -128,8 +130,11 @@ class _Batch:
         "dirty",
         "next_deadline",
         "next_expiry",
+        "pair_rows",
         "perf",
+        "prompts_cursor",
         "requests",
+        "sample_rows",
         "samples",
         "sources",
         "txn",
@@ -148,6 +153,11 @@ class _Batch:
         self.dirty: dict[bytes, None] = {}
         #: sample documents made or read in this batch, by sample key
         self.samples: dict[bytes, _Doc] = {}
+        #: new samples and pairs (numbers ascending), appended by ``end_batch``
+        self.sample_rows: list[tuple[bytes, bytes]] = []
+        self.pair_rows: list[tuple[bytes, bytes]] = []
+        #: the prompts index, read and written for every answer with feedback
+        self.prompts_cursor: lmdb.Cursor | None = None
         #: nothing closes or is forgotten before this log time (a lower
         #: bound; None: unknown)
         self.next_deadline: int | None = None
@@ -163,6 +173,11 @@ class FeedbackProcessor:
     model version (the registry uses it to learn the initial stable version).
     Implements ``end_batch`` (:class:`sidecar.store.BatchingLogProcessor`):
     a caller of ``process`` must call it before committing.
+
+    Each new sample is handed, in the transaction that stores it, to every
+    ``sample_document_listeners`` entry (the stored document) and then to
+    every ``sample_listeners`` entry (a :class:`Sample`, built only when
+    there is such a listener); each new pair to ``pair_listeners``.
     """
 
     name = "scoring"
@@ -185,6 +200,7 @@ class FeedbackProcessor:
         # at least 1 ms: a record is forgotten strictly after its close
         self._forget_ms = max(1, int(config.closed_request_retention_seconds * 1000))
         self._quality = config.quality_threshold
+        self._dwell_ms = config.dwell_engage_ms
         self._baseline_n = baseline_samples
         self._alpha = 2.0 / (recent_samples + 1)
         self._on_version = on_primary_version
@@ -237,6 +253,15 @@ class FeedbackProcessor:
         b, self._batch = self._batch, None
         if b is None or b.txn is not txn:
             return
+        if b.prompts_cursor is not None:
+            b.prompts_cursor.close()
+        for db, rows in ((self._samples, b.sample_rows), (self._pairs, b.pair_rows)):
+            if rows:
+                with txn.cursor(db=db) as cur:
+                    if cur.putmulti(rows, append=True)[1] != len(rows):
+                        # numbers not past the stored ones (views out of step
+                        # with their counters): store them rather than drop them
+                        cur.putmulti(rows)
         meta_items: list[tuple[bytes, bytes]] = []
         counters = b.counters.pack()
         if counters != b.counters_raw:
@@ -320,7 +345,13 @@ class FeedbackProcessor:
                 return
             txn.delete(_WINDOW_KEY.pack(prev["dl"], prev["s"]), db=self._windows)
         error = inf.error
-        self._perf_request(b, version, error)
+        perf = b.perf.get(version) or self._get_perf(b, version)
+        perf.requests += 1
+        if error:
+            perf.errors += 1
+        x = 1.0 if error else 0.0
+        er = perf.error_recent
+        perf.error_recent = x if perf.requests == 1 else er + self._alpha * (x - er)
         lp = list(inf.token_logprobs)
         attrs = inf.attributes
         deadline = ingest_ms + self._window_ms
@@ -336,14 +367,15 @@ class FeedbackProcessor:
             "ss": inf.session_id,
             "ro": inf.retry_of,
             "tk": attrs.get(self._task_attr, ""),
-            "at": [[k, attrs[k]] for k in self._keep_attrs if k in attrs],
+            "at": [[k, v] for k in self._keep_attrs if (v := attrs.get(k)) is not None],
             "lp": [sum(lp) / len(lp), min(lp), len(lp)] if lp else None,
             "sg": prev["sg"] if prev else [],
             "rt": prev["rt"] if prev else None,
             "cr": prev["cr"] if prev else "",
             "fs": prev["fs"] if prev else [],
         }
-        self._set_request(b, key, rec)
+        b.requests[key] = rec
+        b.dirty[key] = None
         self._add_window(b, deadline, seq, _KIND_INFERENCE + key)
 
     def _on_feedback(self, b: _Batch, seq: int, ingest_ms: int, fb: events_pb2.Feedback) -> None:
@@ -372,7 +404,7 @@ class FeedbackProcessor:
             if signal not in _SIGNAL_NAMES:
                 raise ValueError(f"feedback.signal: unknown value {signal}")
             rec["sg"].append(int(signal))
-        threshold = self.config.dwell_engage_ms
+        threshold = self._dwell_ms
         if threshold and fb.dwell_ms >= threshold:
             rec["sg"].append(_ENGAGE)
         if fb.HasField("rating"):
@@ -388,7 +420,8 @@ class FeedbackProcessor:
             src = "session:" + fb.session_id
             if src not in fs:
                 fs.append(src)
-        self._set_request(b, key, rec)
+        b.requests[key] = rec
+        b.dirty[key] = None
 
     # -- closing windows -----------------------------------------------------
 
@@ -417,7 +450,7 @@ class FeedbackProcessor:
         with txn.cursor(db=self._windows) as cur:
             k = cur.key() if cur.first() else b""
             while True:
-                deadline = decode_u64(k) if k else _NO_DEADLINE
+                deadline = _unpack_u64(k)[0] if k else _NO_DEADLINE
                 upto = deadline if deadline < until_ms else until_ms
                 nx = b.next_expiry
                 if nx is None or nx <= upto:
@@ -513,8 +546,8 @@ class FeedbackProcessor:
             "request_id": key.decode(),
             "prompt": rec["p"],
             "completion": rec["r"],
-            "reward": round(reward_raw, 6),
-            "signed": round(signed, 6),
+            "reward": _round6(reward_raw),
+            "signed": _round6(signed),
             "has_feedback": has_feedback,
             "qualifies": qualifies,
             "model_version": version,
@@ -524,8 +557,8 @@ class FeedbackProcessor:
             "sources": sources,
             "signals": [_SIGNAL_NAMES[x] for x in sorted(set(sg))] if sg else [],
             "rating": rec["rt"],
-            "logprob_mean": round(lp[0], 6) if lp else None,
-            "logprob_min": round(lp[1], 6) if lp else None,
+            "logprob_mean": _round6(lp[0]) if lp else None,
+            "logprob_min": _round6(lp[1]) if lp else None,
             "n_tokens": lp[2] if lp else 0,
             "closed_ms": deadline,
             "ingest_ms": rec["t"],
@@ -541,14 +574,13 @@ class FeedbackProcessor:
             counters.feedback_samples += 1
         skey = encode_u64(no)
         b.samples[skey] = doc
-        txn.put(skey, _dumps(doc), db=self._samples, append=True)
+        b.sample_rows.append((skey, _dumps(doc)))
         if rec["cr"] or rec["ro"] or (has_feedback and self.config.pair_lookback):
-            pairs_db = self._pairs
             for pair in self._pairs_for(b, doc, rec):
                 counters.pairs += 1
                 pair["no"] = counters.pairs
                 raw = _dumps(pair)
-                txn.put(encode_u64(counters.pairs), raw, db=pairs_db, append=True)
+                b.pair_rows.append((encode_u64(counters.pairs), raw))
                 if self.pair_listeners:
                     pair_obj = Pair.from_json(raw)
                     for plisten in self.pair_listeners:
@@ -581,7 +613,7 @@ class FeedbackProcessor:
                     "prompt": s["prompt"],
                     "chosen": correction,
                     "rejected": completion,
-                    "margin": round(1.0 - s["reward"], 6),
+                    "margin": _round6(1.0 - s["reward"]),
                     "reward": 1.0,
                     "seqs": [s["seq"], s["seq"]],
                     "request_ids": [s["request_id"], s["request_id"]],
@@ -616,28 +648,29 @@ class FeedbackProcessor:
             margin = config.pair_margin
             room = config.pairs_per_sample
             lookback = config.pair_lookback
-            txn = b.txn
             own_key = prefix + encode_u64(s["no"])
-            with txn.cursor(db=self._prompts) as cur:
-                seen = 0
-                ok = cur.set_range(own_key)
-                ok = cur.prev() if ok else cur.last()
-                while ok and seen < lookback and room > 0:
-                    k = cur.key()
-                    if k[:12] != prefix:
-                        break
-                    seen += 1
-                    other_reward, chash = _PROMPT_ENTRY.unpack(cur.value())
-                    if chash != mine and abs(reward - other_reward) >= margin:
-                        other = self._sample_doc(b, bytes(k[12:]))
-                        if other["prompt"] == prompt and other["seq"] not in paired:
-                            room -= 1
-                            if reward > other["reward"]:
-                                out.append(_pair("score", s, other))
-                            else:
-                                out.append(_pair("score", other, s))
-                    ok = cur.prev()
-            txn.put(own_key, _PROMPT_ENTRY.pack(reward, mine), db=self._prompts)
+            cur = b.prompts_cursor
+            if cur is None:
+                cur = b.prompts_cursor = b.txn.cursor(db=self._prompts)
+            seen = 0
+            ok = cur.set_range(own_key)
+            ok = cur.prev() if ok else cur.last()
+            while ok and seen < lookback and room > 0:
+                k = cur.key()
+                if k[:12] != prefix:
+                    break
+                seen += 1
+                other_reward, chash = _PROMPT_ENTRY.unpack(cur.value())
+                if chash != mine and abs(reward - other_reward) >= margin:
+                    other = self._sample_doc(b, bytes(k[12:]))
+                    if other["prompt"] == prompt and other["seq"] not in paired:
+                        room -= 1
+                        if reward > other["reward"]:
+                            out.append(_pair("score", s, other))
+                        else:
+                            out.append(_pair("score", other, s))
+                ok = cur.prev()
+            cur.put(own_key, _PROMPT_ENTRY.pack(reward, mine))
         return out
 
     # -- per-version feedback --------------------------------------------------
@@ -648,16 +681,6 @@ class FeedbackProcessor:
             raw = b.txn.get(PERF_PREFIX + version.encode(), db=self._meta)
             perf = b.perf[version] = VersionFeedback.unpack(raw)
         return perf
-
-    def _perf_request(self, b: _Batch, version: str, error: bool) -> None:
-        perf = self._get_perf(b, version)
-        perf.requests += 1
-        x = 1.0 if error else 0.0
-        if error:
-            perf.errors += 1
-        perf.error_recent = (
-            x if perf.requests == 1 else perf.error_recent + self._alpha * (x - perf.error_recent)
-        )
 
     def _perf_feedback(self, b: _Batch, version: str, reward: float, signed: float) -> None:
         perf = self._get_perf(b, version)
@@ -682,7 +705,7 @@ def _pair(kind: str, chosen: _Doc, rejected: _Doc) -> _Doc:
         "prompt": chosen["prompt"],
         "chosen": chosen["completion"],
         "rejected": rejected["completion"],
-        "margin": round(chosen["reward"] - rejected["reward"], 6),
+        "margin": _round6(chosen["reward"] - rejected["reward"]),
         "reward": chosen["reward"],
         "seqs": [chosen["seq"], rejected["seq"]],
         "request_ids": [chosen["request_id"], rejected["request_id"]],
@@ -704,6 +727,29 @@ def _sample(doc: _Doc) -> Sample:
             "attributes": tuple((k, v) for k, v in doc["attributes"]),
         }
     )
+
+
+_floor = math.floor
+
+
+def _round6(x: float) -> float:
+    """``round(x, 6)``, bit for bit, without its decimal round trip in the usual case.
+
+    ``x * 1e6`` is within 6e-8 of the exact product for ``|x| < 1000``, so
+    unless that product sits near a half (where the two could round apart)
+    its nearest integer is the one ``round`` finds; ``n / 1e6`` is then the
+    double nearest to ``n`` millionths, which is what ``round`` returns.
+    """
+    m = x * 1e6
+    if -1e9 < m < 1e9:
+        f = _floor(m)
+        r = m - f
+        if not 0.4999 < r < 0.5001:
+            n = f + 1 if r > 0.5 else f
+            if n:
+                return n / 1e6
+            return math.copysign(0.0, x)  # round keeps the sign of a zero
+    return round(x, 6)
 
 
 def _completion_hash(text: str) -> bytes:

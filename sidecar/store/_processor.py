@@ -26,6 +26,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
+import gc
 import json
 import logging
 import time
@@ -57,6 +58,10 @@ _Row = tuple[int, int, events_pb2.Event | None]
 
 #: Per-event cost assumed for a processor before its first round is measured.
 _FIRST_COST_SECONDS = 100e-6
+#: Fewest events a round offers (unless fewer wait): a round's fixed cost
+#: (its transaction, a processor's end_batch) is spread over at least these.
+#: Also how often a processor checks its time limit.
+_MIN_ROUND = 64
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +266,7 @@ class ProcessorRunner:
         self._ingest_active = events != self._events_at_last_round
         self._events_at_last_round = events
         started = time.perf_counter()
-        job: Callable[[lmdb.Transaction], tuple[bool, dict[str, tuple[int, int]]]] = self._apply_all
+        job: Callable[[lmdb.Transaction], tuple[bool, dict[str, tuple[int, int]]]] = self._round
         more, done = await self._writer.run(ins.carry(job))
         elapsed = time.perf_counter() - started
         self._last_round_seconds = elapsed
@@ -269,6 +274,20 @@ class ProcessorRunner:
             self.stats[name].last_batch_seconds = elapsed
             ins.processor_batch(name, n, elapsed)
         return more
+
+    def _round(self, txn: lmdb.Transaction) -> tuple[bool, dict[str, tuple[int, int]]]:
+        # The cyclic garbage collector is paused for the round (at most a few
+        # budgets long): processors allocate and free many small documents, all
+        # freed by reference counting, and the collections they would set off
+        # walk every young object for nothing. Measured: about 10% of the
+        # processing time. Collection resumes, and catches up, after the round.
+        if not gc.isenabled():
+            return self._apply_all(txn)
+        gc.disable()
+        try:
+            return self._apply_all(txn)
+        finally:
+            gc.enable()
 
     def _apply_all(self, txn: lmdb.Transaction) -> tuple[bool, dict[str, tuple[int, int]]]:
         """On the writer thread: one round of every processor within the budget.
@@ -294,7 +313,7 @@ class ProcessorRunner:
             share = max((deadline - time.perf_counter()) / (len(groups) - i), 0.001)
             costs = [self._cost.get(p.name, _FIRST_COST_SECONDS) for p in group]
             first = min(cursors[p.name] for p in group)
-            n = max(1, min(self._batch, int(share / sum(costs))))
+            n = max(min(_MIN_ROUND, self._batch), min(self._batch, int(share / sum(costs))))
             rows = self._read(txn, first, last, n)
             for proc, cost in zip(group, costs, strict=True):
                 start = cursors[proc.name]
@@ -313,12 +332,13 @@ class ProcessorRunner:
                     done = self._apply(txn, proc, todo, limit)
                     spent = time.perf_counter() - began
                     span.set_attribute("events", done)
-                    ins.link_ingests(span, start, start + done - 1)
+                    end = todo[done - 1][0] if done else start - 1
+                    ins.link_ingests(span, start, end)
                 if done >= 8:
                     per_event = spent / done
                     old = self._cost.get(proc.name)
                     self._cost[proc.name] = per_event if old is None else (old + per_event) / 2
-                cursors[proc.name] = start + done
+                cursors[proc.name] = end + 1
                 st = self.stats[proc.name]
                 st.batches += 1
                 report[proc.name] = (start, done)
@@ -386,7 +406,7 @@ class ProcessorRunner:
             for seq, ingest_ms, event in rows:
                 process(child, seq, ingest_ms, event or _unparsed(seq))
                 done += 1
-                if done % 64 == 0 and clock() > deadline:
+                if done % _MIN_ROUND == 0 and clock() > deadline:
                     break
             if end_batch is not None:
                 end_batch(child)
@@ -416,7 +436,7 @@ class ProcessorRunner:
                     self._dead_letter(txn, proc.name, seq, exc)
                     st.dead_lettered += 1
                 done += 1
-                if done % 64 == 0 and clock() > deadline:
+                if done % _MIN_ROUND == 0 and clock() > deadline:
                     break
             # the events after the bad one are left to the next round
         last_done = rows[done - 1][0]

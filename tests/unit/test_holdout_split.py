@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from sidecar.learning import (
     SelectiveLearner,
     SelectiveReplayComposer,
 )
+from sidecar.learning._keys import task_key
 from sidecar.store import Store
 
 
@@ -187,3 +189,19 @@ def test_holdout_regression_prompts_mix_holdout_and_memory(store: Store) -> None
     assert all(p.reference and 0.0 <= p.reference_score <= 1.0 for p in got)
     assert len(suite.regression_prompts(1000)) == 20 + 30  # all 20 held out + all of memory
     assert suite.regression_prompts(0) == []
+
+
+def test_task_counts_are_stored_as_json_dumps_writes_them(store: Store) -> None:
+    # the counts record is formatted directly; its bytes must stay json.dumps's
+    h = HoldoutSet(store, HoldoutConfig(fraction=0.5, max_per_task=0))
+    tasks = ["faq", 'quote " and \\ slash', "caf\u00e9 \u4e2d\u6587", ""]
+    with store.write_txn() as txn:
+        for i in range(40):
+            h.assign(txn, f"s{i}", tasks[i % 4], f"prompt {i}", "answer", 0.9, now_ms=1)
+    with store.read() as txn:
+        counts = h.counts(txn)
+        for task in tasks:
+            doc = {"task_id": task, "offered": 10, "held": 5}
+            key = b"c" + task_key(task)
+            assert bytes(txn.get(key, db=store.db("holdout"))) == json.dumps(doc).encode()
+    assert counts == {t: {"offered": 10, "held": 5} for t in tasks}

@@ -102,6 +102,24 @@ def test_scores_order_as_a_user_expects() -> None:
     assert none.reward < copy.reward < top.reward
 
 
+def test_stored_rewards_are_rounded_exactly_as_round_does() -> None:
+    import random
+    import struct
+
+    from sidecar.scoring._processor import _round6
+
+    rnd = random.Random(3)
+    values = [0.0, -0.0, 1e-7, -1e-7, 5e-7, -5e-7, 0.5, 1.0, -1.0, 0.1234565, 2.675, 1e300]
+    values += [rnd.uniform(-1, 1) for _ in range(20_000)]
+    values += [rnd.uniform(-40, 0) for _ in range(20_000)]
+    # millionths and halves of millionths, where rounding ties live
+    values += [
+        rnd.randrange(-(10**6), 10**6) / 1e6 + h for h in (0, 5e-7, -5e-7) for _ in range(5_000)
+    ]
+    for x in values:
+        assert struct.pack("<d", _round6(x)) == struct.pack("<d", round(x, 6)), x
+
+
 def test_processor_keeps_the_order_end_to_end(store: Store) -> None:
     h = Harness(store)
     h.feed(
