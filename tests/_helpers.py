@@ -1,4 +1,4 @@
-"""Plain helpers for tests that drive an in-process daemon through its learning loop."""
+"""Plain helpers for tests that drive an in-process daemon (its config, its learning loop)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ import grpc
 from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
 
 from sidecar.app import SidecarApp
+from sidecar.config import SidecarConfig, load_config
 from tests.conftest import target_of
+
+#: The control section for a daemon whose replicas must reconnect within a test.
+FAST_CONTROL_RETRY: dict[str, Any] = {"retry_initial_seconds": 0.05, "retry_max_seconds": 0.2}
 
 #: Config sections for ``app_factory``: feedback settles in 0.2 s, learning
 #: fires only on a manual trigger (the sample and time triggers are out of
@@ -28,6 +32,25 @@ MANUAL_LEARNING: dict[str, dict[str, Any]] = {
     },
     "holdout": {"fraction": 0.0},
 }
+
+
+def fixed_port_config(data_dir: Path, port: int, **sections: dict[str, Any]) -> SidecarConfig:
+    """A daemon's config on a known loopback port, for tests that dial it across a restart.
+
+    HTTP off, a 2 s shutdown grace, no fsync; ``sections`` add or override keys.
+    """
+    overrides: dict[str, Any] = {
+        "server": {"listen": [f"127.0.0.1:{port}"], "http_listen": "", "grace_seconds": 2},
+        "store": {"data_dir": str(data_dir), "sync": False},
+    }
+    for name, values in sections.items():
+        overrides.setdefault(name, {}).update(values)
+    return load_config(environ={}, overrides=overrides)
+
+
+def control_app(data_dir: Path, port: int) -> SidecarApp:
+    """A daemon, not yet started, on ``port`` whose control channel retries fast."""
+    return SidecarApp(fixed_port_config(data_dir, port, control=FAST_CONTROL_RETRY))
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 30) -> None:
