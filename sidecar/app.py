@@ -50,7 +50,7 @@ from sidecar.learning import (
 )
 from sidecar.rollout import RecentGoodAnswers, RegressionCase, RolloutAdmin, RolloutEngine
 from sidecar.scoring import FeedbackProcessor
-from sidecar.store import ProcessorRunner, Retention, Store, StoreWriter
+from sidecar.store import PageRelease, ProcessorRunner, Retention, Store, StoreWriter
 from sidecar.telemetry import LearningMonitor, Telemetry
 from sidecar.training import ComposerChain, ModelRecord, ModelRegistry, TrainingStage
 from sidecar.web import WebServer
@@ -107,6 +107,7 @@ class SidecarApp:
         self.store = Store(config.store)
         self.writer = StoreWriter(self.store, config.store)
         self.retention = Retention(self.store, self.writer, config.store)
+        self.page_release = PageRelease(self.store, config.store.release_mapped_pages_seconds)
         self.ingest = IngestServicer(self.writer, config.ingest, config.server)
         self.handlers = AdminHandlers()
         self.handlers.status["ingest"] = self.ingest.status
@@ -320,6 +321,7 @@ class SidecarApp:
         try:
             await self.writer.start()
             await self.retention.start()
+            await self.page_release.start()
             await self.telemetry.start()
             for stage in self.stages:
                 await stage.start()
@@ -430,6 +432,7 @@ class SidecarApp:
         except Exception:
             log.exception("telemetry shutdown failed")
         await self.retention.shutdown()
+        await self.page_release.shutdown()
         await self.writer.shutdown()
         self.store.close()
         self._stopped.set()

@@ -129,6 +129,12 @@ class StoreConfig(_Section):
     # (bigger is faster but holds the writer longer).
     retention_interval_seconds: float = Field(default=60, gt=0)
     retention_batch: int = Field(default=10_000, ge=100)
+    # How often the daemon unmaps the store pages it has read (0: never).
+    # Readers touch the whole log once; unmapped, those pages stay in the OS
+    # page cache but leave the daemon's RSS, which then stays flat as the log
+    # grows. Shorter keeps RSS lower; each release costs the hot pages a
+    # minor fault to map again.
+    release_mapped_pages_seconds: float = Field(default=1.0, ge=0)
 
 
 class IngestConfig(_Section):

@@ -11,6 +11,7 @@ from sidecar.store._codec import (
 )
 from sidecar.store._env import DB_NAMES, SCHEMA_VERSION, Store
 from sidecar.store._history import append_history, read_history
+from sidecar.store._mapped import MappedPages, PageRelease
 from sidecar.store._processor import (
     BatchingLogProcessor,
     LogProcessor,
@@ -28,6 +29,8 @@ __all__ = [
     "BatchingLogProcessor",
     "IngestResult",
     "LogProcessor",
+    "MappedPages",
+    "PageRelease",
     "ProcessorRunner",
     "ProcessorStats",
     "Retention",

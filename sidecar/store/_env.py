@@ -213,6 +213,13 @@ class Store:
             ) from None
 
     @contextlib.contextmanager
+    def map_pinned(self) -> Iterator[bool]:
+        """Keeps the memory map where it is (no resize, no close) inside the
+        block; yields whether the store is open."""
+        with self._resize.shared():
+            yield self._env is not None
+
+    @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         """A short read transaction. Keep it short: long readers stop page reuse."""
         with self._resize.shared(), self.env.begin(buffers=False) as txn:

@@ -115,9 +115,6 @@ class Instruments:
 
     def __post_init__(self) -> None:
         m = self.meter
-        self.ingest_events = m.create_counter(
-            "atlas_ingest_events", unit="1", description="Events by outcome"
-        )
         self.ingest_commit = m.create_histogram(
             "atlas_ingest_commit_duration",
             unit="s",

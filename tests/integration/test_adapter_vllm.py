@@ -13,6 +13,7 @@ from sidecar.config import load_config
 from sidecar.control import DesiredState, RouteSpec
 from sidecar.control.adapters import AdapterError, VllmLoraAdapter, adapter_loop, lora_path
 from sidecar.testing import FakeVllmServer, free_port
+from tests._helpers import fixed_port_config
 
 
 @pytest.fixture
@@ -81,14 +82,7 @@ async def test_adapter_vllm_as_a_replica_follows_the_desired_state(
     tmp_path: Path, vllm: FakeVllmServer, adapter: VllmLoraAdapter
 ) -> None:
     port = free_port()
-    cfg = load_config(
-        environ={},
-        overrides={
-            "server": {"listen": [f"127.0.0.1:{port}"], "http_listen": "", "grace_seconds": 2},
-            "store": {"data_dir": str(tmp_path / "data"), "sync": False},
-        },
-    )
-    app = SidecarApp(cfg)
+    app = SidecarApp(fixed_port_config(tmp_path / "data", port))
     await app.start()
     loop = await adapter_loop(adapter, f"127.0.0.1:{port}", "vllm-0", backoff_initial=0.02)
     try:
@@ -128,16 +122,12 @@ async def test_adapter_vllm_as_a_replica_follows_the_desired_state(
 async def test_adapter_configured_in_the_daemon_recovers_a_restarted_server(
     tmp_path: Path, vllm: FakeVllmServer
 ) -> None:
-    port = free_port()
-    cfg = load_config(
-        environ={},
-        overrides={
-            "server": {"listen": [f"127.0.0.1:{port}"], "http_listen": "", "grace_seconds": 2},
-            "store": {"data_dir": str(tmp_path / "data"), "sync": False},
-            "control": {
-                "retry_initial_seconds": 0.05,
-                "adapter": {"kind": "vllm", "url": vllm.url, "resync_seconds": 0.05},
-            },
+    cfg = fixed_port_config(
+        tmp_path / "data",
+        free_port(),
+        control={
+            "retry_initial_seconds": 0.05,
+            "adapter": {"kind": "vllm", "url": vllm.url, "resync_seconds": 0.05},
         },
     )
     app = SidecarApp(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +25,9 @@ from sidecar.config import load_config
 from sidecar.control import ControlChannel, DesiredState, RouteSpec, ShadowSpec
 from sidecar.store import Store, StoreWriter, decode_log_value
 from sidecar.testing import free_port
+from tests._helpers import control_app
 
 WAIT = 20.0
-
-
-def _app(data_dir: Path, port: int) -> SidecarApp:
-    cfg = load_config(
-        environ={},
-        overrides={
-            "server": {"listen": [f"127.0.0.1:{port}"], "http_listen": "", "grace_seconds": 2},
-            "store": {"data_dir": str(data_dir), "sync": False},
-            "control": {"retry_initial_seconds": 0.05, "retry_max_seconds": 0.2},
-        },
-    )
-    return SidecarApp(cfg)
-
-
-@pytest.fixture
-async def sidecar(tmp_path: Path) -> AsyncIterator[SidecarApp]:
-    app = _app(tmp_path / "data", free_port())
-    await app.start()
-    yield app
-    await app.shutdown()
 
 
 def _target(app: SidecarApp) -> str:
@@ -194,7 +175,7 @@ async def test_control_server_restart_without_models_gets_them_back(sidecar: Sid
 
 async def test_control_sidecar_restart_resumes_without_applying_twice(tmp_path: Path) -> None:
     port = free_port()
-    app = _app(tmp_path / "data", port)
+    app = control_app(tmp_path / "data", port)
     await app.start()
     server = Server({"v1"})
     loop = server.loop(app, "pod-a")
@@ -206,7 +187,7 @@ async def test_control_sidecar_restart_resumes_without_applying_twice(tmp_path: 
         directives_before = loop.stats.directives
         await app.shutdown()
 
-        app = _app(tmp_path / "data", port)
+        app = control_app(tmp_path / "data", port)
         await app.start()
         assert app.control.desired() == _canary(1, 500)
         async with asyncio.timeout(WAIT):
@@ -428,7 +409,7 @@ async def test_control_apply_validates_and_keeps_revisions_monotonic(sidecar: Si
 
 async def test_control_lease_fallback_when_the_sidecar_is_gone(tmp_path: Path) -> None:
     port = free_port()
-    app = _app(tmp_path / "data", port)
+    app = control_app(tmp_path / "data", port)
     await app.start()
     now = [1000.0]
     router = Router(clock=lambda: now[0])
@@ -453,7 +434,7 @@ async def test_control_lease_fallback_when_the_sidecar_is_gone(tmp_path: Path) -
         assert router.route("r").version == "v2"  # within the lease
         now[0] += 2
         assert router.route("r").version == "v1"  # lease ran out: stable
-        app = _app(tmp_path / "data", port)
+        app = control_app(tmp_path / "data", port)
         await app.start()
         async with asyncio.timeout(WAIT):
             await loop.wait_connected()

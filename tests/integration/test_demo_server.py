@@ -15,12 +15,10 @@ import pytest
 from atlas_sidecar_client.pb import events_pb2
 
 from sidecar.app import SidecarApp
-from sidecar.config import load_config
 from sidecar.control import DesiredState, RouteSpec, ShadowSpec
 from sidecar.demo._policy import Policy, SftRow
 from sidecar.demo._world import World
 from sidecar.store import decode_log_value
-from sidecar.testing import free_port
 
 WAIT = 30.0
 
@@ -37,23 +35,6 @@ async def _until(pred: Callable[[], Any], what: str) -> Any:
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
-
-
-@pytest.fixture
-async def sidecar(tmp_path: Path) -> AsyncIterator[SidecarApp]:
-    port = free_port()
-    cfg = load_config(
-        environ={},
-        overrides={
-            "server": {"listen": [f"127.0.0.1:{port}"], "http_listen": "", "grace_seconds": 2},
-            "store": {"data_dir": str(tmp_path / "data"), "sync": False},
-            "control": {"retry_initial_seconds": 0.05, "retry_max_seconds": 0.2},
-        },
-    )
-    app = SidecarApp(cfg)
-    await app.start()
-    yield app
-    await app.shutdown()
 
 
 @pytest.fixture

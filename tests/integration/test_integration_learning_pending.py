@@ -11,41 +11,24 @@ what is left at every step.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 from atlas_sidecar_client import EventStream
-from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
 
 from sidecar.app import SidecarApp
+from tests._helpers import MANUAL_LEARNING, sft_rows, trigger_learning, wait_until
 from tests.conftest import target_of
 
 CERTAIN = [-0.01] * 6
 UNSURE = [-3.0] * 6
 
 CONFIG: dict[str, dict[str, Any]] = {
-    "scoring": {"reward_window_seconds": 0.2},
-    "learning": {
-        "sample_count": 1_000_000,
-        "time_interval_seconds": 1_000_000,
-        "evaluate_interval_seconds": 0.05,
-        "min_interval_seconds": 0,
-    },
-    "holdout": {"fraction": 0.0},
+    **MANUAL_LEARNING,
     "selective": {"value_threshold": 0.2, "max_batch_samples": 4},
 }
-
-
-async def _wait(cond: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def _send(app: SidecarApp, names: list[str], *, valuable: bool) -> None:
@@ -73,21 +56,7 @@ async def _send(app: SidecarApp, names: list[str], *, valuable: bool) -> None:
 
 async def _trigger(app: SidecarApp) -> list[str]:
     """Fires an update and returns the request ids of its new SFT rows, in order."""
-    async with grpc.aio.insecure_channel(target_of(app)) as channel:
-        admin = admin_pb2_grpc.AdminServiceStub(channel)
-        resp = await admin.TriggerLearning(
-            admin_pb2.TriggerLearningRequest(reason="pending"), timeout=10
-        )
-    assert resp.fired, resp.reason
-    uid = resp.update_id
-    await _wait(
-        lambda: (
-            (app.training.status()["last_update"] or {}).get("update_id") == uid
-            and app.training.status()["in_flight"] == ""
-        )
-    )
-    folder = Path(app.config.store.data_dir) / "datasets" / uid
-    rows = [json.loads(line) for line in (folder / "sft.jsonl").read_text().splitlines()]
+    rows = sft_rows(app, await trigger_learning(app, "pending"))
     prompts = [r["prompt"].split(":")[0].removeprefix("question ") for r in rows]
     return [p for p, r in zip(prompts, rows, strict=True) if r["source"] == "new"]
 
@@ -106,7 +75,7 @@ async def test_samples_a_full_batch_left_out_are_exported_by_the_next_updates(
         for part in (0, 4):  # arrival order is not value order
             await _send(app, plain[part : part + 4], valuable=False)
             await _send(app, valuable[part : part + 4], valuable=True)
-        await _wait(lambda: app.training.status()["samples"] == 16)
+        await wait_until(lambda: app.training.status()["samples"] == 16)
         assert _pending(app) == 16
         first = await _trigger(app)
         assert len(first) == 4 and set(first) <= set(valuable)
@@ -121,7 +90,7 @@ async def test_samples_a_full_batch_left_out_are_exported_by_the_next_updates(
     try:
         assert _pending(app) == 12
         await _send(app, ["late0", "late1"], valuable=False)
-        await _wait(lambda: app.training.status()["samples"] == 18)
+        await wait_until(lambda: app.training.status()["samples"] == 18)
         assert _pending(app) == 14
         second = await _trigger(app)
         assert _pending(app) == 10

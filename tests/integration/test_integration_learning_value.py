@@ -9,18 +9,16 @@ threshold.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from atlas_sidecar_client import EventStream
-from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
 
 from sidecar.app import SidecarApp
 from sidecar.scoring import iter_samples
+from tests._helpers import MANUAL_LEARNING, dataset_dir, sft_rows, trigger_learning, wait_until
 from tests.conftest import target_of
 
 CERTAIN = [-0.01] * 6
@@ -38,26 +36,11 @@ ANSWERS = [
 ]
 
 
-async def _wait(cond: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_high_uncertainty_and_priority_rank_ahead(
     app_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
     app: SidecarApp = await app_factory(
-        scoring={"reward_window_seconds": 0.2},
-        learning={
-            "sample_count": 1_000_000,
-            "time_interval_seconds": 1_000_000,
-            "evaluate_interval_seconds": 0.05,
-            "min_interval_seconds": 0,
-        },
-        holdout={"fraction": 0.0},
-        selective={"value_threshold": 0.35, "max_batch_samples": 0},
+        **MANUAL_LEARNING, selective={"value_threshold": 0.35, "max_batch_samples": 0}
     )
     stream = EventStream(target_of(app))
     try:
@@ -73,7 +56,7 @@ async def test_high_uncertainty_and_priority_rank_ahead(
             )
             stream.record_feedback(f"req-{name}", rating=1.0)
         assert await stream.aflush(20)
-        await _wait(lambda: app.training.status()["samples"] == len(ANSWERS))
+        await wait_until(lambda: app.training.status()["samples"] == len(ANSWERS))
 
         # the curated samples carry what selective learning needs
         with app.store.read() as txn:
@@ -85,18 +68,7 @@ async def test_high_uncertainty_and_priority_rank_ahead(
         assert samples["req-expert"].attribute("user_expertise") == "expert"
         assert samples["req-unsure"].logprob_mean == -3.0
 
-        async with _admin(app) as admin:
-            resp = await admin.TriggerLearning(
-                admin_pb2.TriggerLearningRequest(reason="value order"), timeout=10
-            )
-        assert resp.fired, resp.reason
-        uid = resp.update_id
-        await _wait(
-            lambda: (
-                (app.training.status()["last_update"] or {}).get("update_id") == uid
-                and app.training.status()["in_flight"] == ""
-            )
-        )
+        uid = await trigger_learning(app, "value order")
         # the report's quality section: memory consolidated from the 3 trained on
         quality = app.learning_quality()
         assert quality["memory_size_per_task"] == {"help": 3}
@@ -106,8 +78,7 @@ async def test_high_uncertainty_and_priority_rank_ahead(
         await stream.aclose()
         await app.shutdown()
 
-    folder = Path(app.config.store.data_dir) / "datasets" / uid
-    rows = [json.loads(line) for line in (folder / "sft.jsonl").read_text().splitlines()]
+    rows = sft_rows(app, uid)
     # highest value first, not arrival order; the plain answer is below the threshold
     assert [r["prompt"] for r in rows] == [
         "how do I unsure?",
@@ -115,20 +86,5 @@ async def test_high_uncertainty_and_priority_rank_ahead(
         "how do I expert?",
     ]
     assert {r["source"] for r in rows} == {"new"}
-    comp = json.loads((folder / "manifest.json").read_text())["composition"]
+    comp = json.loads((dataset_dir(app, uid) / "manifest.json").read_text())["composition"]
     assert comp["below_threshold"] == 1 and comp["new"] == 3
-
-
-class _admin:
-    """An AdminService stub on a fresh channel to the app."""
-
-    def __init__(self, app: SidecarApp) -> None:
-        import grpc
-
-        self._channel = grpc.aio.insecure_channel(target_of(app))
-
-    async def __aenter__(self) -> admin_pb2_grpc.AdminServiceStub:
-        return admin_pb2_grpc.AdminServiceStub(self._channel)
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._channel.close()

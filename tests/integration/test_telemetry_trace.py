@@ -23,6 +23,7 @@ from atlas_sidecar_client.pb import events_pb2, ingest_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import SidecarApp
 from sidecar.config import load_config
@@ -195,3 +196,41 @@ def test_telemetry_logs_carry_trace_ids_and_no_user_text() -> None:
     assert record.span_id == format(sp.get_span_context().span_id, "016x")
     assert "secret" not in json.dumps({"p": record.prompt, "r": record.response})
     assert record.prompt == "<18 chars redacted>"
+
+
+@pytest.mark.timeout(60)
+async def test_telemetry_without_a_span_exporter_makes_no_ingest_spans(tmp_path: Path) -> None:
+    # No OTLP endpoint and no exporter: an ingest span would be exported
+    # nowhere, so none is made; the ingest counters are still exported.
+    cfg = load_config(
+        environ={},
+        overrides={
+            "store": {"data_dir": str(tmp_path / "data")},
+            "server": {"listen": ["127.0.0.1:0"], "http_listen": ""},
+        },
+    )
+    app = SidecarApp(cfg, telemetry_options={"environ": {}})
+    await app.start()
+    try:
+        tel = app.telemetry
+        assert not tel.traces_exported
+        target = f"127.0.0.1:{next(p for a, p in app.ports.items() if a != 'http')}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            events = [_event(i) for i in range(4)]
+            ack = await stub.RecordEvents(events_pb2.EventBatch(events=events))
+            assert ack.accepted == 4
+            bad = events_pb2.Event(event_id="")
+            ack = await stub.RecordEvents(events_pb2.EventBatch(events=[*events[:2], bad]))
+            assert (ack.accepted, ack.duplicates, len(ack.rejected)) == (0, 2, 1)
+        assert not tel._pending_ingest
+        assert not ins.ingest_contexts(0, 10**9)
+        counted = {
+            s.labels["outcome"]: s.value
+            for family in text_string_to_metric_families(tel.metrics_text().decode())
+            for s in family.samples
+            if s.name == "atlas_ingest_events_total"
+        }
+        assert counted == {"accepted": 4, "duplicate": 2, "rejected": 1}
+    finally:
+        await app.shutdown()

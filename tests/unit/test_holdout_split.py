@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,8 @@ from sidecar.store import Store
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(StoreConfig(data_dir=tmp_path / "data", map_size_bytes=1 << 29))
-    s.open()
-    yield s
-    s.close()
+def store_config(tmp_path: Path) -> StoreConfig:
+    return StoreConfig(data_dir=tmp_path / "data", map_size_bytes=1 << 29)
 
 
 def _stream(n: int, seed: int = 1) -> list[CandidateSample]:

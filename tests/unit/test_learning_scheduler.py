@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,8 @@ MIN = 60_000
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(StoreConfig(data_dir=tmp_path / "data", sync=False))
-    st.open()
-    yield st
-    st.close()
+def store_config(tmp_path: Path) -> StoreConfig:
+    return StoreConfig(data_dir=tmp_path / "data", sync=False)
 
 
 def set_counters(store: Store, sft: int, pairs: int = 0) -> None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from sidecar.config import MemoryConfig, StoreConfig
 from sidecar.learning import (
@@ -18,14 +16,6 @@ from sidecar.learning import (
     k_center_select,
 )
 from sidecar.store import Store, read_history
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(StoreConfig(data_dir=tmp_path / "data", map_size_bytes=1 << 28))
-    s.open()
-    yield s
-    s.close()
 
 
 def _memory(store: Store, capacity: int) -> MemoryConsolidation:
@@ -123,16 +113,15 @@ def test_memory_k_center_prefers_distant_and_important_points() -> None:
     assert picked.tolist() == [5]  # the most important sample seeds the selection
 
 
-def test_memory_is_persisted_and_duplicates_are_ignored(tmp_path: Path) -> None:
-    cfg = StoreConfig(data_dir=tmp_path / "data", map_size_bytes=1 << 28)
-    s = Store(cfg)
+def test_memory_is_persisted_and_duplicates_are_ignored(store_config: StoreConfig) -> None:
+    s = Store(store_config)
     s.open()
     mem = _memory(s, 10)
     items = [MemoryItem(f"id{i}", "t", f"prompt number {i} about cats", "c", 0.7) for i in range(5)]
     with s.write_txn() as txn:
         mem.consolidate(txn, items + items[:2], now_ms=5)
     s.close()
-    s = Store(cfg)
+    s = Store(store_config)
     s.open()
     try:
         mem = _memory(s, 10)

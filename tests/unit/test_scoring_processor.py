@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,8 @@ WINDOW_MS = 10_000
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(StoreConfig(data_dir=tmp_path / "data", sync=False))
-    st.open()
-    yield st
-    st.close()
+def store_config(tmp_path: Path) -> StoreConfig:
+    return StoreConfig(data_dir=tmp_path / "data", sync=False)
 
 
 def inf(rid: str, prompt: str = "p", response: str = "r", **kw: Any) -> events_pb2.Event:

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import pytest
-
-from sidecar.config import HoldoutConfig, MemoryConfig, SelectiveConfig, StoreConfig
+from sidecar.config import HoldoutConfig, MemoryConfig, SelectiveConfig
 from sidecar.learning import (
     CandidateSample,
     HashedNgramVectorizer,
@@ -27,14 +24,6 @@ from sidecar.learning import (
 )
 from sidecar.learning._keys import task_key
 from sidecar.store import Store
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(StoreConfig(data_dir=tmp_path / "data", map_size_bytes=1 << 28))
-    s.open()
-    yield s
-    s.close()
 
 
 def _composer(store: Store, **selective: Any) -> SelectiveReplayComposer:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import pytest
 
@@ -18,14 +17,6 @@ from sidecar.learning import (
     uncertainty,
 )
 from sidecar.store import Store
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(StoreConfig(data_dir=tmp_path / "data", map_size_bytes=1 << 28))
-    s.open()
-    yield s
-    s.close()
 
 
 def _learner(store: Store, **cfg: object) -> SelectiveLearner:
@@ -133,9 +124,8 @@ def test_selective_value_follows_task_priority(store: Store) -> None:
     assert got[0].features.priority == 0.5 and got[1].features.priority == 0.9
 
 
-def test_selective_priority_index_is_ordered_and_persisted(tmp_path: Path) -> None:
-    cfg = StoreConfig(data_dir=tmp_path / "data", map_size_bytes=1 << 28)
-    s = Store(cfg)
+def test_selective_priority_index_is_ordered_and_persisted(store_config: StoreConfig) -> None:
+    s = Store(store_config)
     s.open()
     learner = _learner(s)
     samples = [_sample(f"s{i}", logprobs=(-0.05 * (i + 1),) * 8) for i in range(20)]
@@ -145,7 +135,7 @@ def test_selective_priority_index_is_ordered_and_persisted(tmp_path: Path) -> No
     with s.write_txn() as txn:
         learner.assess(txn, samples[:3])
     s.close()
-    s = Store(cfg)
+    s = Store(store_config)
     s.open()
     try:
         learner = _learner(s)
