@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +123,15 @@ class TrafficView:
         self._batch = batch_events
         self._interval = min_interval_s
         self._table = table or WeightTable()
-        self._versions: OrderedDict[str, str] = OrderedDict()
+        # The version that served each recent request, to credit its feedback.
+        # Keyed by the hash of the request id, with one shared string per
+        # version and the order of arrival kept apart (for the oldest to go
+        # first): about 80 bytes a request instead of 270 with the ids and
+        # an OrderedDict (27 MB at the default 100,000). Two ids of 64-bit
+        # hash colliding would credit one feedback to the other's version.
+        self._versions: dict[int, str] = {}
+        self._version_order: deque[int] = deque()
+        self._version_names: dict[str, str] = {}
         #: Reward of feedback carrying only a signal, by signal (no rating).
         self._rewards = {
             sig: score_feedback((sig,), None, self._table).reward
@@ -226,6 +234,8 @@ class TrafficView:
         b = _Batch()
         bucket_ms = self._bucket_ms
         versions = self._versions
+        order = self._version_order
+        names = self._version_names
         parse = events_pb2.Event.FromString
         rewards = self._rewards
         with store.read() as txn:
@@ -259,10 +269,15 @@ class TrafficView:
                             row[0] += 1
                             row[1] += inf.error
                             row[2] += inf.latency_ms
-                            versions[inf.request_id] = version
+                            rkey = hash(inf.request_id)
+                            if rkey not in versions:
+                                order.append(rkey)
+                            versions[rkey] = names.get(version) or names.setdefault(
+                                version, version
+                            )
                     elif kind == "feedback":
                         fb = ev.feedback
-                        version = versions.get(fb.request_id, "unknown")
+                        version = versions.get(hash(fb.request_id), "unknown")
                         if fb.HasField("rating"):
                             score = score_feedback((fb.signal,), fb.rating, self._table)
                             reward = score.reward
@@ -282,8 +297,8 @@ class TrafficView:
                         break
         if b.events == 0 and not b.skipped:
             return None
-        while len(versions) > self._max_requests:
-            versions.popitem(last=False)
+        while len(order) > self._max_requests:
+            del versions[order.popleft()]
         return b
 
     def _commit(self, txn: lmdb.Transaction, b: _Batch) -> None:
