@@ -152,7 +152,7 @@ def loadgen_binary() -> Path | None:
 
 
 def loadgen(
-    binary: Path, target: str, events: int, batch: int, rate: float = 0
+    binary: Path, target: str, events: int, batch: int, rate: float = 0, prefix: str = "loadgen-"
 ) -> dict[str, float]:
     """One atlas-loadgen run; its JSON result."""
     out = subprocess.run(
@@ -166,6 +166,8 @@ def loadgen(
             str(batch),
             "-rate",
             str(rate),
+            "-prefix",
+            prefix,
             "-json",
         ],
         check=True,

@@ -46,13 +46,15 @@ def best_of(pid: int, target: str, batches_fn, runs: int = 3) -> tuple[float, fl
     return wall, per_cpu
 
 
-def best_go(pid: int, binary: Path, target: str, runs: int = 2) -> tuple[float, float]:
-    """Best wall rate and rate per server CPU-second, one event per message, Go client."""
+def best_go(
+    pid: int, binary: Path, target: str, events: int = 20_000, batch: int = 1, runs: int = 2
+) -> tuple[float, float]:
+    """Best wall rate and rate per server CPU-second, Go client."""
     wall = per_cpu = 0.0
-    loadgen(binary, target, 2000, 1)  # warm-up
-    for _ in range(runs):
+    loadgen(binary, target, 20 * batch, batch, prefix=f"w{batch}-")  # warm-up
+    for i in range(runs):
         c0 = cpu_seconds(pid)
-        r = loadgen(binary, target, 20_000, 1)
+        r = loadgen(binary, target, events, batch, prefix=f"g{batch}-{i}-")
         used = cpu_seconds(pid) - c0
         wall = max(wall, r["events_per_second"])
         per_cpu = max(per_cpu, r["events"] / max(used, 1e-3))
