@@ -124,9 +124,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         loop = asyncio.get_running_loop()
         started = loop.time()
         on_commit = self._batch_start(info) if self._batch_start is not None else None
-        fut = asyncio.wrap_future(
-            self._writer.submit_events(decoded.items, len(decoded.rejected), on_commit)
-        )
+        fut = self._writer.submit_events_async(decoded.items, len(decoded.rejected), on_commit)
         rejected = decoded.rejected
 
         async def finish() -> events_pb2.IngestAck:

@@ -72,13 +72,50 @@ class _IngestJob:
 
 
 @dataclass(slots=True)
+class _LoopIngestJob:
+    """An ingest batch whose result goes to an asyncio future of ``loop``:
+    the writer hands every such result of one commit to the loop in a single
+    ``call_soon_threadsafe`` (one wake-up per commit, not one per batch)."""
+
+    items: Sequence[tuple[bytes, bytes]]
+    rejected: int
+    future: asyncio.Future[IngestResult]
+    loop: asyncio.AbstractEventLoop
+    on_commit: Callable[[IngestResult], None] | None = None
+
+    @property
+    def weight(self) -> int:
+        return max(1, len(self.items))
+
+
+@dataclass(slots=True)
 class _FnJob:
     fn: Callable[[lmdb.Transaction], Any]
     future: concurrent.futures.Future[Any]
     weight: int = 1
 
 
-_Job = _IngestJob | _FnJob
+_Job = _IngestJob | _LoopIngestJob | _FnJob
+
+
+def _deliver(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    """On the event loop: resolves the futures of one commit (or failure)."""
+    for fut, value in pairs:
+        if fut.done():  # the caller gave up (cancelled)
+            continue
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+
+
+def _claim(job: _Job) -> bool:
+    """Whether a job is still wanted; a concurrent future can then no longer
+    be cancelled. An asyncio future cancelled off this thread may still be
+    written: its events are stored, unacked, and a resend is deduplicated."""
+    if isinstance(job, _LoopIngestJob):
+        return not job.future.cancelled()
+    return job.future.set_running_or_notify_cancel()
 
 
 class StoreWriter:
@@ -166,6 +203,23 @@ class StoreWriter:
         self._put(_IngestJob(items, rejected, fut, on_commit))
         return fut
 
+    def submit_events_async(
+        self,
+        items: Sequence[tuple[bytes, bytes]],
+        rejected: int = 0,
+        on_commit: Callable[[IngestResult], None] | None = None,
+    ) -> asyncio.Future[IngestResult]:
+        """``submit_events`` for a caller on the running event loop: the result
+        comes back as an asyncio future, resolved together with the other
+        batches of its commit in one hand-over to the loop."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[IngestResult] = loop.create_future()
+        if self._thread is None or self._stopping:
+            fut.set_exception(StoreError("store writer is not running"))
+        else:
+            self._queue.put(_LoopIngestJob(items, rejected, fut, loop, on_commit))
+        return fut
+
     def submit(self, fn: Callable[[lmdb.Transaction], T]) -> concurrent.futures.Future[T]:
         """Runs ``fn(txn)`` on the writer thread in a nested transaction.
 
@@ -180,7 +234,7 @@ class StoreWriter:
         """``submit`` for asyncio callers."""
         return await asyncio.wrap_future(self.submit(fn))
 
-    def _put(self, job: _Job) -> None:
+    def _put(self, job: _IngestJob | _FnJob) -> None:
         if self._thread is None or self._stopping:
             job.future.set_exception(StoreError("store writer is not running"))
             return
@@ -241,7 +295,7 @@ class StoreWriter:
     def _commit(self, jobs: list[_Job]) -> None:
         # A caller that gave up (its asyncio task was cancelled) cancels the
         # future; claim the others so they can no longer be cancelled.
-        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        jobs = [job for job in jobs if _claim(job)]
         if not jobs:
             return
         started = time.perf_counter()
@@ -277,15 +331,12 @@ class StoreWriter:
         for name, value in counts.items():
             st.counters[name] = st.counters.get(name, 0) + value
         for job, result in zip(jobs, results, strict=True):
-            if isinstance(job, _IngestJob) and job.on_commit is not None:
+            if not isinstance(job, _FnJob) and job.on_commit is not None:
                 try:
                     job.on_commit(result)
                 except Exception:
                     log.exception("store writer: on_commit hook failed")
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-            else:
-                job.future.set_result(result)
+        self._resolve(jobs, results)
         if stored:
             for listener in self._listeners:
                 try:
@@ -295,10 +346,22 @@ class StoreWriter:
 
     def _fail(self, jobs: list[_Job], exc: Exception) -> None:
         self.stats.failed_commits += 1
-        for job in jobs:
-            if not job.future.done():
+        self._resolve(jobs, [exc] * len(jobs))
+
+    def _resolve(self, jobs: list[_Job], results: list[Any]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(job, _LoopIngestJob):
+                by_loop.setdefault(job.loop, []).append((job.future, result))
+            elif not job.future.done():
                 with contextlib.suppress(Exception):  # cancelled or resolved meanwhile
-                    job.future.set_exception(exc)
+                    if isinstance(result, BaseException):
+                        job.future.set_exception(result)
+                    else:
+                        job.future.set_result(result)
+        for loop, pairs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_deliver, pairs)
 
     def _apply(self, jobs: list[_Job]) -> tuple[list[Any], int, dict[str, int]]:
         store = self._store
@@ -311,7 +374,7 @@ class StoreWriter:
         accepted_total = dup_total = rejected_total = 0
         with store.write_txn() as txn:
             for job in jobs:
-                if isinstance(job, _IngestJob):
+                if not isinstance(job, _FnJob):
                     first = seq
                     seq, dups = _append_events(
                         txn, ids_db, events_db, job.items, seq, now_ms, self._rows

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from atlas_sidecar_client.pb import events_pb2
 
 from sidecar.config import StoreConfig
-from sidecar.errors import DataDirLockedError, SchemaVersionError, StoreFullError
+from sidecar.errors import DataDirLockedError, SchemaVersionError, StoreError, StoreFullError
 from sidecar.store import (
     Retention,
     Store,
@@ -469,6 +471,68 @@ async def test_a_caller_that_gives_up_does_not_stop_the_writer(tmp_path: Path) -
         # the writer keeps serving
         assert await writer.run(lambda txn: "after") == "after"
         assert writer.submit_events(items("c", 3)).result(5).accepted == 3
+    finally:
+        await writer.shutdown()
+        store.close()
+
+
+async def test_async_ingest_results_come_back_per_batch_in_one_commit(tmp_path: Path) -> None:
+    store = Store(cfg(tmp_path))
+    store.open()
+    writer = StoreWriter(store, cfg(tmp_path))
+    not_running = writer.submit_events_async(items("n", 1))
+    with pytest.raises(StoreError, match="not running"):
+        await not_running
+    await writer.start()
+    try:
+        gate = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        holding = threading.Event()
+
+        def hold(txn: lmdb.Transaction) -> None:
+            holding.set()
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(5)
+
+        commits = writer.stats.commits
+        blocker = writer.submit(hold)
+        assert await asyncio.to_thread(holding.wait, 5)
+        # queued while the writer is held: all of them go into the next commit
+        futs = [writer.submit_events_async(items(f"b{k}-", k + 1)) for k in range(6)]
+        futs.append(writer.submit_events_async(items("b0-", 1)))  # a resend: duplicate
+        gone = writer.submit_events_async(items("gone", 2))
+        gone.cancel()  # its caller gave up before the commit
+        gate.set()
+        await asyncio.wrap_future(blocker)
+        results = await asyncio.gather(*futs)
+        assert writer.stats.commits == commits + 2
+        assert [r.accepted for r in results] == [1, 2, 3, 4, 5, 6, 0]
+        assert results[-1].duplicates == 1
+        # numbered in submission order, back to back
+        for prev, cur in itertools.pairwise(results[:-1]):
+            assert cur.first_seq == prev.last_seq + 1
+        assert gone.cancelled()
+        with store.read() as txn:
+            assert txn.stat(store.db("events"))["entries"] == 21
+    finally:
+        await writer.shutdown()
+        store.close()
+
+
+async def test_async_ingest_failure_reaches_the_caller(small_disk: Path) -> None:
+    c = cfg(small_disk / "data", map_size_bytes=64 << 20)
+    store = Store(c)
+    store.open()
+    writer = StoreWriter(store, c)
+    await writer.start()
+    try:
+        with pytest.raises(StoreFullError, match="disk full"):
+            for b in range(400):
+                await writer.submit_events_async(
+                    [(f"k{b}-{i}".encode(), b"z" * 4000) for i in range(10)]
+                )
+        # the writer and the loop keep serving
+        assert await writer.run(lambda txn: "ok") == "ok"
     finally:
         await writer.shutdown()
         store.close()
