@@ -5,7 +5,8 @@ requests and feedback, :class:`ControlLoop` to follow the sidecar's directives
 and :class:`Router` to pick the version of each request. The "models" are
 synthetic: every version answers a prompt with the same base text (plus an
 optional suffix), and a version's *behaviour* decides its error rate, its
-latency and how its users react.
+latency (reported for live and mirrored requests, taken for real by probes,
+which the client library times) and how its users react.
 
 Simulated users send requests at a fixed rate. Each request is routed on its
 session (a user's conversation of a few turns); when the router says so, the
@@ -192,8 +193,13 @@ class ReferenceServer:
         answer = base_answer(prompt)
         return (f"{answer} {b.suffix}" if b.suffix else answer), latency, False
 
-    def _answer_probe(self, version: str, prompt: str) -> str:
-        answer, _latency, failed = self._generate(version, prompt, "probe")
+    async def _answer_probe(self, version: str, prompt: str) -> str:
+        answer, latency, failed = self._generate(version, prompt, "probe")
+        # The ControlLoop times a probe around this call: take the version's
+        # latency as its model would. Answered at once, every version would
+        # take a few microseconds, and the sidecar's median-latency check
+        # would compare scheduling noise (a 3x ratio of two ~0 ms medians).
+        await asyncio.sleep(latency / 1000.0)
         if failed:
             raise RuntimeError(f"{version} failed to answer")
         return answer

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
+import random
+import time
 from pathlib import Path
 
 import pytest
 
-from sidecar.testing.reference_server import PRESETS, Behaviour, base_answer, load_behaviours, main
+from sidecar.testing.reference_server import (
+    PRESETS,
+    Behaviour,
+    ReferenceServer,
+    base_answer,
+    load_behaviours,
+    main,
+    parser,
+)
 
 
 def test_behaviours_from_presets_and_file(tmp_path: Path) -> None:
@@ -56,3 +68,31 @@ def test_versions_answer_the_same_base_text() -> None:
         "and check the result"
     )
     assert Behaviour(suffix="x").suffix == "x"
+
+
+def test_a_probe_takes_the_versions_latency(tmp_path: Path) -> None:
+    """The client library times probes around the handler: an instant answer
+    would report ~0 ms for every version, and the sidecar's median-latency
+    check would compare timing noise."""
+    common = ["--target", "127.0.0.1:1", "--server-id", "p", "--state-file", str(tmp_path / "s")]
+    args = parser().parse_args([*common, "--seed", "7"])
+    behaviours = {"v1": Behaviour(latency_ms=20.0), "v2": Behaviour(latency_ms=80.0)}
+
+    async def timed(server: ReferenceServer, version: str) -> tuple[float, float]:
+        # a fresh seeded server draws the latency first (as _generate does)
+        drawn = random.Random(7).lognormvariate(0.0, 0.25) * behaviours[version].latency_ms
+        t0 = time.perf_counter()
+        answer: object = server._answer_probe(version, "how do I sort two lists in go?")
+        if inspect.isawaitable(answer):  # the ControlLoop takes either
+            answer = await answer
+        assert answer
+        return (time.perf_counter() - t0) * 1000.0, drawn
+
+    async def run() -> None:
+        for version in ("v1", "v2"):
+            server = ReferenceServer(args, behaviours)
+            took, drawn = await timed(server, version)
+            # a lower bound only: a slow machine can add time, never remove it
+            assert took >= drawn * 0.99, (version, took, drawn)
+
+    asyncio.run(run())
