@@ -359,10 +359,10 @@ def test_restarts_mid_canary_resume_and_converge(tmp_path: Path, procs: list[Any
         return r if ok else None
 
     # kill -9 the sidecar mid-canary, restart it on the same port and data.
-    def settled() -> tuple[admin_pb2.Rollout, int] | None:
+    def settled(index: int) -> tuple[admin_pb2.Rollout, int] | None:
         # A transition is stored just before its split reaches the control
         # channel: take the two together only when neither moved for a while.
-        first = at_stage(1)
+        first = at_stage(index)
         if first is None:
             return None
         desired = admin.details()["control"]["desired_revision"]
@@ -374,21 +374,23 @@ def test_restarts_mid_canary_resume_and_converge(tmp_path: Path, procs: list[Any
             return None
         return again, desired
 
-    before, desired_before = poll(settled, "canary stage 1, settled")
+    before, desired_before = poll(lambda: settled(1), "canary stage 1, settled")
     daemon.kill()
     daemon = DaemonProcess(data, port=daemon.port, config=config).start()
     procs.append(daemon)
     admin.close()
     admin = Admin(daemon.target)
     procs.append(admin)
-    after = admin.rollout(rid)
+    resumed = admin.rollout(rid)
+    assert STATE[resumed.state] == "ROLLOUT_STATE_CANARY", [t.reason for t in resumed.transitions]
+    # The resumed rollout may take its next stage at any moment: read its
+    # transitions and the desired revision as a settled pair, as before the kill.
+    after, desired_after = poll(lambda: settled(0), "the resumed canary, settled")
     # Resumed where it was: same stored transitions, same or later stage, and
     # one new split revision per new transition (none re-issued by the restart).
-    assert STATE[after.state] == "ROLLOUT_STATE_CANARY", [t.reason for t in after.transitions]
     assert after.stage_index >= before.stage_index
     n0 = len(before.transitions)
     assert list(after.transitions[:n0]) == list(before.transitions)
-    desired_after = admin.details()["control"]["desired_revision"]
     assert desired_after == desired_before + len(after.transitions) - n0
     poll(lambda: split_converged(admin, server), "the server to converge after the restart")
 
