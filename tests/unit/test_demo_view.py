@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.demo._run import DemoSettings, _Monitor, _View, sidecar_config
+from sidecar.demo._run import DemoSettings, _Monitor, _Quality, _View, sidecar_config
+from sidecar.demo._world import World
 
 
 def _monitor(tmp_path: Path) -> _Monitor:
@@ -84,3 +85,20 @@ def test_config_keeps_only_keys_the_sidecar_knows(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg))
     loaded = load_config(path, environ={})
     assert loaded.learning.sample_count == settings.sample_count
+
+
+def test_goal_clears_the_live_bar_by_its_sampling_error(tmp_path: Path) -> None:
+    """The final version's live satisfaction is a sample of the settle time's
+    answers: a version expected just over 0.8 would read under 0.8 about half
+    the time, so the demo keeps learning until the expected figure clears the
+    bar by three standard errors of that sample."""
+    models = tmp_path / "models"
+    World().initial_policy("v1").save(models / "v1")
+    # the e2e test's settings: 10 s of settling at 60 questions/s
+    quality = _Quality(models, DemoSettings(settle_s=10.0))
+    n = 60.0 * 10.0 / 2.0  # half of them, in case the next candidate takes a share
+    assert quality.target >= 0.8 + 3.0 * (0.8 * 0.2 / n) ** 0.5
+    assert quality.target >= quality.expected("v1") + 0.3
+    assert quality.target <= 0.9  # reachable by the demo's learner
+    # nothing measured live, nothing to clear
+    assert _Quality(models, DemoSettings(settle_s=0.0)).target == pytest.approx(0.8)
