@@ -189,7 +189,9 @@ class ProcessorRunner:
 
     def _on_commit(self, last_seq: int) -> None:
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        # Already set: the loop has not cleared it yet, so the run that
+        # follows the clear sees this commit too; no wake-up needed.
+        if loop is not None and not self._wakeup.is_set() and not loop.is_closed():
             loop.call_soon_threadsafe(self._wakeup.set)
 
     async def wait_idle(self, timeout: float = 30.0) -> None:

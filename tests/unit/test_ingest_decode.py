@@ -56,8 +56,14 @@ SMALL = IngestConfig(
     max_logprobs=4,
 )
 DEFAULT = IngestConfig()
+#: ``make sanitize`` runs these tests against an AddressSanitizer/UBSan build
+#: with this many times the examples.
+SCALE = max(1, int(os.environ.get("ATLAS_SIDECAR_EXAMPLES_SCALE", "1")))
 SETTINGS = settings(
-    max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+    max_examples=300 * SCALE,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
 )
 
 
@@ -349,7 +355,7 @@ def test_mutated_batches_agree_and_never_crash(
     assert_agree(bytes(raw))
 
 
-@settings(max_examples=500, deadline=None, derandomize=True)
+@settings(max_examples=500 * SCALE, deadline=None, derandomize=True)
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_never_crash(raw: bytes) -> None:
     assert_agree(raw)
@@ -529,7 +535,7 @@ def test_the_python_path_gives_the_same_answers() -> None:
     assert compiled.items == got.items and compiled.rejected[1] == got.rejected[1]
 
 
-@settings(max_examples=100, deadline=None, derandomize=True)
+@settings(max_examples=100 * SCALE, deadline=None, derandomize=True)
 @given(
     st.lists(st.tuples(st.binary(max_size=40), st.binary(max_size=400)), max_size=50),
     st.integers(0, 2**64 - 200),
