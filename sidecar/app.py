@@ -111,6 +111,7 @@ class SidecarApp:
         self.ingest = IngestServicer(self.writer, config.ingest, config.server)
         self.handlers = AdminHandlers()
         self.handlers.status["ingest"] = self.ingest.status
+        self.handlers.status["process"] = self.page_release.status
         # -- control channel (sidecar/control): the desired state, reconciling
         # every connected inference server to it (ControlService.Connect).
         # The rollout engine drives it through the ControlPlane protocol.

@@ -17,12 +17,14 @@ address that had been handed to another mapping must never be advised).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from sidecar._aio import cancel_and_wait
 from sidecar.store._env import Store
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["MappedPages", "PageRelease"]
 
 _MADV_DONTNEED = 4  # Linux, every architecture
+_PROC_FIELDS = {"VmRSS": "rss_bytes", "RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes"}
 
 
 def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -128,6 +131,26 @@ class PageRelease:
     async def shutdown(self) -> None:
         task, self._task = self._task, None
         await cancel_and_wait(task)
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's memory (from /proc/self/status, Linux) and the releases:
+        ``rss_bytes``, ``rss_anon_bytes``, ``rss_file_bytes`` (the mapped store
+        pages are part of this), ``store_page_releases``,
+        ``release_mapped_pages_seconds``."""
+        out: dict[str, Any] = {
+            "store_page_releases": self.pages.stats.releases,
+            "release_mapped_pages_seconds": self._interval if self.pages.supported else 0,
+        }
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open("/proc/self/status", encoding="ascii", errors="replace") as f,
+        ):
+            for line in f:
+                key, _, value = line.partition(":")
+                name = _PROC_FIELDS.get(key)
+                if name is not None:
+                    out[name] = int(value.split()[0]) * 1024
+        return out
 
     async def _loop(self) -> None:
         while True:

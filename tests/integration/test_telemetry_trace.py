@@ -232,5 +232,8 @@ async def test_telemetry_without_a_span_exporter_makes_no_ingest_spans(tmp_path:
             if s.name == "atlas_ingest_events_total"
         }
         assert counted == {"accepted": 4, "duplicate": 2, "rejected": 1}
+        # the daemon's memory is in its status
+        process = app.status_dict()["details"]["process"]
+        assert process["rss_bytes"] > 0 and process["release_mapped_pages_seconds"] == 1.0
     finally:
         await app.shutdown()

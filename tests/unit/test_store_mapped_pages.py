@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
 from sidecar.config import StoreConfig
-from sidecar.store import MappedPages, Store, encode_u64
+from sidecar.store import MappedPages, PageRelease, Store, encode_u64
 
 N = 20_000
 VALUE = b"x" * 1000  # about 20 MB of log: far more pages than a B-tree's hot set
@@ -90,3 +91,30 @@ def test_release_of_a_closed_store_does_nothing(store_config: StoreConfig) -> No
     s.close()
     assert pages.release() == 0
     assert pages.stats.releases == 0
+
+
+async def test_page_release_runs_on_its_interval_and_reports_memory(store: Store) -> None:
+    release = PageRelease(store, interval_seconds=0.05)
+    _fill(store)
+    assert _read_all(store) == N
+    await release.start()
+    try:
+        for _ in range(200):
+            if release.pages.stats.releases >= 2:
+                break
+            await asyncio.sleep(0.05)
+        st = release.status()
+    finally:
+        await release.shutdown()
+    assert st["store_page_releases"] >= 2
+    assert st["release_mapped_pages_seconds"] == 0.05
+    assert st["rss_bytes"] >= st["rss_anon_bytes"] > 0 and st["rss_file_bytes"] > 0
+    assert _mapped_kb(store) < 15_000  # the pages read above were given back
+
+
+async def test_page_release_interval_zero_never_releases(store: Store) -> None:
+    release = PageRelease(store, interval_seconds=0)
+    await release.start()
+    await asyncio.sleep(0.1)
+    await release.shutdown()
+    assert release.pages.stats.releases == 0
