@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import grpc
 from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
 
 from sidecar.app import SidecarApp
-from sidecar.config import SidecarConfig, load_config
+from sidecar.config import SidecarConfig, StoreConfig, load_config
+from sidecar.store import Store, StoreWriter
 from tests.conftest import target_of
 
 #: The control section for a daemon whose replicas must reconnect within a test.
@@ -91,3 +93,17 @@ def sft_rows(app: SidecarApp, update_id: str) -> list[dict[str, Any]]:
     """The SFT rows of the update's snapshot, in file order."""
     lines = (dataset_dir(app, update_id) / "sft.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+@contextlib.asynccontextmanager
+async def running_store(config: StoreConfig) -> AsyncIterator[tuple[Store, StoreWriter]]:
+    """An open store with its writer started; both closed afterwards."""
+    store = Store(config)
+    store.open()
+    writer = StoreWriter(store, config)
+    await writer.start()
+    try:
+        yield store, writer
+    finally:
+        await writer.shutdown()
+        store.close()

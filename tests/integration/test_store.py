@@ -25,6 +25,7 @@ from sidecar.store import (
     read_history,
 )
 from sidecar.store._processor import ProcessorRunner
+from tests._helpers import running_store as running
 from tests.conftest import inference
 
 
@@ -342,12 +343,7 @@ def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 async def test_full_disk_fails_the_write_cleanly_and_store_stays_usable(small_disk: Path) -> None:
-    c = cfg(small_disk / "data", map_size_bytes=64 << 20)
-    store = Store(c)
-    store.open()
-    writer = StoreWriter(store, c)
-    await writer.start()
-    try:
+    async with running(cfg(small_disk / "data", map_size_bytes=64 << 20)) as (store, writer):
         acked = 0
         error = None
         for b in range(400):
@@ -373,9 +369,6 @@ async def test_full_disk_fails_the_write_cleanly_and_store_stays_usable(small_di
 
         assert await writer.run(forget) == 50
         assert writer.submit_events([(b"after", b"small")]).result(10).accepted == 1
-    finally:
-        await writer.shutdown()
-        store.close()
 
 
 async def test_duplicates_mixed_into_a_batch_keep_the_log_dense(tmp_path: Path) -> None:
@@ -520,12 +513,7 @@ async def test_async_ingest_results_come_back_per_batch_in_one_commit(tmp_path: 
 
 
 async def test_async_ingest_failure_reaches_the_caller(small_disk: Path) -> None:
-    c = cfg(small_disk / "data", map_size_bytes=64 << 20)
-    store = Store(c)
-    store.open()
-    writer = StoreWriter(store, c)
-    await writer.start()
-    try:
+    async with running(cfg(small_disk / "data", map_size_bytes=64 << 20)) as (_store, writer):
         with pytest.raises(StoreFullError, match="disk full"):
             for b in range(400):
                 await writer.submit_events_async(
@@ -533,6 +521,3 @@ async def test_async_ingest_failure_reaches_the_caller(small_disk: Path) -> None
                 )
         # the writer and the loop keep serving
         assert await writer.run(lambda txn: "ok") == "ok"
-    finally:
-        await writer.shutdown()
-        store.close()

@@ -24,6 +24,7 @@ from sidecar.learning import (
     SelectiveReplayStep,
 )
 from sidecar.store import Store, StoreWriter
+from tests._helpers import running_store
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,15 +85,8 @@ class Ctx:
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[tuple[Store, StoreWriter]]:
     cfg = StoreConfig(data_dir=tmp_path / "data", map_size_bytes=1 << 29, sync=False)
-    store = Store(cfg)
-    store.open()
-    writer = StoreWriter(store, cfg)
-    await writer.start()
-    try:
-        yield store, writer
-    finally:
-        await writer.shutdown()
-        store.close()
+    async with running_store(cfg) as pair:
+        yield pair
 
 
 def _batch(rng: random.Random, start: int, n: int) -> Batch:
