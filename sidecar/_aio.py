@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-__all__ = ["cancel_and_wait"]
+__all__ = ["cancel_and_wait", "wait_event"]
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -19,3 +19,17 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Waits until ``event`` is set or ``timeout`` seconds pass; True when set.
+
+    ``asyncio.timeout``, not ``wait_for``: on Python 3.11, when the event is
+    set in the same loop iteration as the task is cancelled, ``wait_for``
+    returns instead of raising ``CancelledError``, and a ``while True`` stage
+    loop then never stops (its shutdown hangs).
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()

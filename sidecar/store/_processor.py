@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import functools
 import gc
 import json
@@ -38,7 +37,7 @@ import lmdb
 from atlas_sidecar_client.pb import events_pb2
 from google.protobuf.message import DecodeError
 
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, wait_event
 from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
 from sidecar.store._retention import CURSOR_PREFIX
@@ -224,11 +223,7 @@ class ProcessorRunner:
                 more = False
                 await asyncio.sleep(0.5)
             if not more:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-                # cancellation that races with the wakeup, and shutdown would hang.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._tick):
-                        await self._wakeup.wait()
+                await wait_event(self._wakeup, self._tick)
                 self._wakeup.clear()
                 await asyncio.sleep(self._min_interval)
             else:

@@ -19,7 +19,6 @@ it (very late, or from before a restart) counts under version ``unknown``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import lmdb
 from atlas_sidecar_client.pb import events_pb2
 
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, wait_event
 from sidecar.config import TelemetryConfig
 from sidecar.scoring import WeightTable, score_feedback
 from sidecar.store import (
@@ -192,8 +191,7 @@ class TrafficView:
             if more:
                 await asyncio.sleep(0)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+            await wait_event(self._wakeup, 1.0)
             self._wakeup.clear()
 
     async def run_once(self, limit: int | None = None) -> bool:
