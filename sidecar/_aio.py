@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-__all__ = ["cancel_and_wait", "wait_event"]
+__all__ = ["cancel_and_wait", "set_threadsafe", "wait_event"]
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -33,3 +33,15 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
         async with asyncio.timeout(timeout):
             await event.wait()
     return event.is_set()
+
+
+def set_threadsafe(loop: asyncio.AbstractEventLoop | None, event: asyncio.Event) -> None:
+    """From another thread (the store writer's commit listeners): sets a stage's
+    wake-up ``event`` on ``loop``.
+
+    Skipped while the event is still set: the stage has not cleared it yet,
+    so the run that follows the clear sees what the caller wrote too, and the
+    cross-thread call (a write to the loop's wake-up pipe) is saved.
+    """
+    if loop is not None and not event.is_set() and not loop.is_closed():
+        loop.call_soon_threadsafe(event.set)

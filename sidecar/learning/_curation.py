@@ -1,9 +1,8 @@
 """What happens when the scoring processor curates a sample: the holdout decision.
 
-:class:`HoldoutAtCuration` is a ``FeedbackProcessor`` sample listener (its
-``on_document`` takes the stored sample document, so no ``Sample`` is built
-per scored answer on the processing path). It runs
-on the writer thread inside the transaction that stores the sample, so a
+:class:`HoldoutAtCuration.on_document` is a ``FeedbackProcessor`` sample
+document listener (it takes the stored sample document, so no ``Sample`` is
+built per scored answer on the processing path). It runs on the writer thread inside the transaction that stores the sample, so a
 good sample's holdout decision is made exactly when the sample first exists
 and is as durable as the sample itself; a replay of the log (after a crash
 or ``atlas-sidecar reprocess``) meets the stored decision and keeps it.
@@ -18,16 +17,15 @@ memory for every curated sample.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lmdb
 
 from sidecar.config import SidecarConfig
 from sidecar.learning._holdout import HoldoutSet
-from sidecar.learning._keys import task_of
 
-__all__ = ["HoldoutAtCuration", "curation_options", "sample_task"]
+__all__ = ["HoldoutAtCuration", "curation_options", "sample_task", "task_from"]
 
 
 def curation_options(config: SidecarConfig) -> dict[str, Any]:
@@ -45,15 +43,28 @@ def curation_options(config: SidecarConfig) -> dict[str, Any]:
     }
 
 
+def task_from(
+    attributes: Iterable[Sequence[str]], task_id: str, task_attribute: str, default_task: str
+) -> str:
+    """A curated sample's task: its kept task attribute (``attributes`` are
+    (key, value) pairs), else its ``task_id``, else the default."""
+    for key, value in attributes:
+        if key == task_attribute:
+            return value or task_id or default_task
+    return task_id or default_task
+
+
 def sample_task(sample: Any, task_attribute: str, default_task: str) -> str:
-    """A curated sample's task: its kept task attribute, else its ``task_id``, else the default."""
-    attribute = getattr(sample, "attribute", None)
-    named = attribute(task_attribute) if attribute is not None else ""
-    return named or task_of({"task_id": sample.task_id}, "task_id", default_task)
+    """:func:`task_from` of a :class:`~sidecar.scoring.Sample` (or an object with
+    its ``task_id`` and, maybe, ``attributes``)."""
+    return task_from(
+        getattr(sample, "attributes", ()), sample.task_id, task_attribute, default_task
+    )
 
 
 class HoldoutAtCuration:
-    """Sample listener: sets a good sample aside for the holdout (or not), once.
+    """Sample document listener (``on_document``): sets a good sample aside for
+    the holdout (or not), once.
 
     ``HoldoutAtCuration.for_config(holdout, config)`` takes the task naming
     from the memory section, so holdout strata and memory tasks agree.
@@ -74,55 +85,22 @@ class HoldoutAtCuration:
         self.assigned = 0
         self.held = 0
 
-    def __call__(self, txn: lmdb.Transaction, sample: Any) -> None:
-        """A ``SampleListener``: takes a :class:`~sidecar.scoring.Sample`."""
-        if not sample.qualifies:
-            return
-        task = sample_task(sample, self._task_attribute, self._default_task)
-        self._assign(
-            txn,
-            sample.request_id,
-            task,
-            sample.prompt,
-            sample.completion,
-            sample.reward,
-            sample.closed_ms,
-        )
-
     def on_document(self, txn: lmdb.Transaction, doc: Mapping[str, Any]) -> None:
-        """A ``SampleDocumentListener``: the same decision from the stored sample
-        document, without building a ``Sample`` for every scored answer."""
+        """A ``SampleDocumentListener``: decides a good sample's holdout from the
+        stored sample document."""
         if not doc["qualifies"]:
             return
-        name = self._task_attribute
-        task = ""
-        for key, value in doc["attributes"]:
-            if key == name:
-                task = value
-                break
-        task = task or doc["task_id"] or self._default_task
-        self._assign(
+        task = task_from(
+            doc["attributes"], doc["task_id"], self._task_attribute, self._default_task
+        )
+        held = self._holdout.assign(
             txn,
             doc["request_id"],
             task,
             doc["prompt"],
             doc["completion"],
             doc["reward"],
-            doc["closed_ms"],
-        )
-
-    def _assign(
-        self,
-        txn: lmdb.Transaction,
-        request_id: str,
-        task: str,
-        prompt: str,
-        completion: str,
-        reward: float,
-        closed_ms: int,
-    ) -> None:
-        held = self._holdout.assign(
-            txn, request_id, task, prompt, completion, reward, now_ms=closed_ms
+            now_ms=doc["closed_ms"],
         )
         self.assigned += 1
         self.held += int(held)

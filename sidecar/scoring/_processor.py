@@ -47,7 +47,7 @@ import hashlib
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lmdb
 import orjson
@@ -81,7 +81,7 @@ _PRIMARY_ROLES = (events_pb2.ROLE_UNSPECIFIED, events_pb2.PRIMARY)
 _SIGNAL_NAMES = {v: k for k, v in S.items()}
 _ENGAGE = int(S.ENGAGE)
 _NO_DEADLINE = 1 << 64
-_MISSING: Any = object()
+_MISSING = object()
 _unpack_u64 = struct.Struct(">Q").unpack_from
 _NO_COUNTERS = ScoringCounters().pack()
 _SOURCE = struct.Struct(">Qd")
@@ -310,9 +310,9 @@ class FeedbackProcessor:
         return b
 
     def _request(self, b: _Batch, key: bytes) -> _Doc | None:
-        known: _Doc | None = b.requests.get(key, _MISSING)
+        known: object = b.requests.get(key, _MISSING)  # None: known to be absent
         if known is not _MISSING:
-            return known
+            return cast("_Doc | None", known)
         raw = b.txn.get(key, db=self._requests)
         rec: _Doc | None = _loads(raw) if raw is not None else None
         b.requests[key] = rec

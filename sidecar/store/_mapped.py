@@ -23,8 +23,9 @@ import ctypes.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sidecar._aio import cancel_and_wait
 from sidecar.store._env import Store
@@ -37,7 +38,7 @@ _MADV_DONTNEED = 4  # Linux, every architecture
 _PROC_FIELDS = {"VmRSS": "rss_bytes", "RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes"}
 
 
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _madvise() -> Callable[[int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -47,16 +48,14 @@ def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
         return None
     fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     fn.restype = ctypes.c_int
-    return fn
+    return cast(Callable[[int, int, int], int], fn)
 
 
 @dataclass
 class ReleaseStats:
     #: times the mapping was released
     releases: int = 0
-    #: bytes of mapping advised in the last release (the map's length)
-    mapped_bytes: int = 0
-    #: failed madvise calls (errno logged once)
+    #: failed madvise calls (the first one's errno is logged)
     errors: int = 0
 
 
@@ -67,7 +66,6 @@ class MappedPages:
         self._store = store
         self._madvise = _madvise()
         self.stats = ReleaseStats()
-        self._warned = False
 
     @property
     def supported(self) -> bool:
@@ -102,8 +100,7 @@ class MappedPages:
             for start, length in self.regions():
                 if madvise(start, length, _MADV_DONTNEED) != 0:
                     self.stats.errors += 1
-                    if not self._warned:
-                        self._warned = True
+                    if self.stats.errors == 1:
                         err = ctypes.get_errno()
                         log.warning(
                             "cannot release mapped store pages",
@@ -112,7 +109,6 @@ class MappedPages:
                     continue
                 total += length
         self.stats.releases += 1
-        self.stats.mapped_bytes = total
         return total
 
 

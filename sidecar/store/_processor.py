@@ -37,7 +37,7 @@ import lmdb
 from atlas_sidecar_client.pb import events_pb2
 from google.protobuf.message import DecodeError
 
-from sidecar._aio import cancel_and_wait, wait_event
+from sidecar._aio import cancel_and_wait, set_threadsafe, wait_event
 from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
 from sidecar.store._retention import CURSOR_PREFIX
@@ -187,11 +187,7 @@ class ProcessorRunner:
         await cancel_and_wait(task)
 
     def _on_commit(self, last_seq: int) -> None:
-        loop = self._loop
-        # Already set: the loop has not cleared it yet, so the run that
-        # follows the clear sees this commit too; no wake-up needed.
-        if loop is not None and not self._wakeup.is_set() and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wakeup.set)
+        set_threadsafe(self._loop, self._wakeup)
 
     async def wait_idle(self, timeout: float = 30.0) -> None:
         """Waits until every processor has caught up with the log (tests, demo)."""

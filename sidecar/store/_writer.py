@@ -61,26 +61,13 @@ class WriterStats:
 
 @dataclass(slots=True)
 class _IngestJob:
-    items: Sequence[tuple[bytes, bytes]]
-    rejected: int
-    future: concurrent.futures.Future[IngestResult]
-    on_commit: Callable[[IngestResult], None] | None = None
-
-    @property
-    def weight(self) -> int:
-        return max(1, len(self.items))
-
-
-@dataclass(slots=True)
-class _LoopIngestJob:
-    """An ingest batch whose result goes to an asyncio future of ``loop``:
-    the writer hands every such result of one commit to the loop in a single
+    """An ingest batch. When its future is an asyncio future, the writer hands
+    every such result of one commit to that future's loop in a single
     ``call_soon_threadsafe`` (one wake-up per commit, not one per batch)."""
 
     items: Sequence[tuple[bytes, bytes]]
     rejected: int
-    future: asyncio.Future[IngestResult]
-    loop: asyncio.AbstractEventLoop
+    future: concurrent.futures.Future[IngestResult] | asyncio.Future[IngestResult]
     on_commit: Callable[[IngestResult], None] | None = None
 
     @property
@@ -95,7 +82,7 @@ class _FnJob:
     weight: int = 1
 
 
-_Job = _IngestJob | _LoopIngestJob | _FnJob
+_Job = _IngestJob | _FnJob
 
 
 def _deliver(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:
@@ -113,9 +100,10 @@ def _claim(job: _Job) -> bool:
     """Whether a job is still wanted; a concurrent future can then no longer
     be cancelled. An asyncio future cancelled off this thread may still be
     written: its events are stored, unacked, and a resend is deduplicated."""
-    if isinstance(job, _LoopIngestJob):
-        return not job.future.cancelled()
-    return job.future.set_running_or_notify_cancel()
+    fut = job.future
+    if isinstance(fut, concurrent.futures.Future):
+        return fut.set_running_or_notify_cancel()
+    return not fut.cancelled()
 
 
 class StoreWriter:
@@ -212,12 +200,8 @@ class StoreWriter:
         """``submit_events`` for a caller on the running event loop: the result
         comes back as an asyncio future, resolved together with the other
         batches of its commit in one hand-over to the loop."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[IngestResult] = loop.create_future()
-        if self._thread is None or self._stopping:
-            fut.set_exception(StoreError("store writer is not running"))
-        else:
-            self._queue.put(_LoopIngestJob(items, rejected, fut, loop, on_commit))
+        fut: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        self._put(_IngestJob(items, rejected, fut, on_commit))
         return fut
 
     def submit(self, fn: Callable[[lmdb.Transaction], T]) -> concurrent.futures.Future[T]:
@@ -234,7 +218,7 @@ class StoreWriter:
         """``submit`` for asyncio callers."""
         return await asyncio.wrap_future(self.submit(fn))
 
-    def _put(self, job: _IngestJob | _FnJob) -> None:
+    def _put(self, job: _Job) -> None:
         if self._thread is None or self._stopping:
             job.future.set_exception(StoreError("store writer is not running"))
             return
@@ -331,7 +315,7 @@ class StoreWriter:
         for name, value in counts.items():
             st.counters[name] = st.counters.get(name, 0) + value
         for job, result in zip(jobs, results, strict=True):
-            if not isinstance(job, _FnJob) and job.on_commit is not None:
+            if isinstance(job, _IngestJob) and job.on_commit is not None:
                 try:
                     job.on_commit(result)
                 except Exception:
@@ -351,14 +335,15 @@ class StoreWriter:
     def _resolve(self, jobs: list[_Job], results: list[Any]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for job, result in zip(jobs, results, strict=True):
-            if isinstance(job, _LoopIngestJob):
-                by_loop.setdefault(job.loop, []).append((job.future, result))
-            elif not job.future.done():
+            fut = job.future
+            if isinstance(fut, asyncio.Future):
+                by_loop.setdefault(fut.get_loop(), []).append((fut, result))
+            elif not fut.done():
                 with contextlib.suppress(Exception):  # cancelled or resolved meanwhile
                     if isinstance(result, BaseException):
-                        job.future.set_exception(result)
+                        fut.set_exception(result)
                     else:
-                        job.future.set_result(result)
+                        fut.set_result(result)
         for loop, pairs in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_deliver, pairs)
@@ -374,7 +359,7 @@ class StoreWriter:
         accepted_total = dup_total = rejected_total = 0
         with store.write_txn() as txn:
             for job in jobs:
-                if not isinstance(job, _FnJob):
+                if isinstance(job, _IngestJob):
                     first = seq
                     seq, dups = _append_events(
                         txn, ids_db, events_db, job.items, seq, now_ms, self._rows

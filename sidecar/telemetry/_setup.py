@@ -109,11 +109,13 @@ class Telemetry:
         self._pending_ingest: dict[int, Any] = {}
         # Events acked by outcome (accepted, duplicate, rejected): plain
         # integers on the hot path, read by an observable counter at export
-        # (a synchronous counter's add cost about 5% of ingest CPU).
+        # (a synchronous counter's add with an attribute takes about 11 us,
+        # up to three per batch).
         self._ingest_counts = [0, 0, 0]
         # Whether spans go anywhere (an OTLP endpoint or a given exporter).
         # Without one, no ingest span is made: a recording span per batch,
-        # exported nowhere, cost about 8% of ingest CPU.
+        # exported nowhere, took about 38 us (about 4% of the daemon's CPU
+        # for a batch of 100 events).
         self.traces_exported = self.enabled and (
             span_exporter is not None or bool(_endpoint(env, "TRACES"))
         )

@@ -24,12 +24,13 @@ import logging
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any
 
 import lmdb
 from atlas_sidecar_client.pb import events_pb2
 
-from sidecar._aio import cancel_and_wait, wait_event
+from sidecar._aio import cancel_and_wait, set_threadsafe, wait_event
 from sidecar.config import TelemetryConfig
 from sidecar.scoring import WeightTable, score_feedback
 from sidecar.store import (
@@ -123,14 +124,14 @@ class TrafficView:
         self._interval = min_interval_s
         self._table = table or WeightTable()
         # The version that served each recent request, to credit its feedback.
-        # Keyed by the hash of the request id, with one shared string per
-        # version and the order of arrival kept apart (for the oldest to go
-        # first): about 80 bytes a request instead of 270 with the ids and
-        # an OrderedDict (27 MB at the default 100,000). Two ids of 64-bit
-        # hash colliding would credit one feedback to the other's version.
+        # Keyed by the hash of the request id, with the version string
+        # interned (one per version) and the order of arrival kept apart (for
+        # the oldest to go first): about 80 bytes a request instead of 270
+        # with the ids and an OrderedDict (27 MB at the default 100,000). Two
+        # ids of equal 64-bit hash would credit one feedback to the other's
+        # version.
         self._versions: dict[int, str] = {}
         self._version_order: deque[int] = deque()
-        self._version_names: dict[str, str] = {}
         #: Reward of feedback carrying only a signal, by signal (no rating).
         self._rewards = {
             sig: score_feedback((sig,), None, self._table).reward
@@ -155,11 +156,7 @@ class TrafficView:
 
     def _on_commit(self, last_seq: int) -> None:
         self._last_commit = time.monotonic()
-        loop = self._loop
-        # Already set: the loop has not cleared it yet, so the run that
-        # follows the clear sees this commit too; no wake-up needed.
-        if loop is not None and not self._wakeup.is_set() and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wakeup.set)
+        set_threadsafe(self._loop, self._wakeup)
 
     async def _run(self) -> None:
         while True:
@@ -235,7 +232,6 @@ class TrafficView:
         bucket_ms = self._bucket_ms
         versions = self._versions
         order = self._version_order
-        names = self._version_names
         parse = events_pb2.Event.FromString
         rewards = self._rewards
         with store.read() as txn:
@@ -272,9 +268,7 @@ class TrafficView:
                             rkey = hash(inf.request_id)
                             if rkey not in versions:
                                 order.append(rkey)
-                            versions[rkey] = names.get(version) or names.setdefault(
-                                version, version
-                            )
+                            versions[rkey] = intern(version)
                     elif kind == "feedback":
                         fb = ev.feedback
                         version = versions.get(hash(fb.request_id), "unknown")
