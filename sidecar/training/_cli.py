@@ -2,7 +2,7 @@
 
 export:    atlas-sidecar export --kind sft|dpo|kto --out FILE [--since TIME]
            [--target ADDR | --data-dir DIR] [--include-quarantined]
-reprocess: atlas-sidecar reprocess --data-dir DIR [--config FILE] [--allow-partial]
+reprocess: atlas-sidecar reprocess --data-dir DIR [--config FILE] [--allow-partial] [--quiet]
 """
 
 from __future__ import annotations
@@ -13,13 +13,20 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
 
 from sidecar.errors import ConfigError, SidecarError
 
-__all__ = ["parse_since", "reprocess", "setup_export", "setup_reprocess"]
+__all__ = [
+    "PROGRESS_SECONDS",
+    "parse_since",
+    "progress_line",
+    "reprocess",
+    "setup_export",
+    "setup_reprocess",
+]
 
 
 def parse_since(text: str) -> int:
@@ -180,14 +187,38 @@ def setup_reprocess(p: argparse.ArgumentParser) -> None:
         help="go on although retention already trimmed the front of the log "
         "(scores of trimmed events are lost)",
     )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines on stderr (the JSON summary still goes to stdout)",
+    )
+    p.epilog = (
+        "Progress (events done of the log's total, rate, time left) goes to stderr every "
+        f"{PROGRESS_SECONDS:g} s and once at the end; the summary is one JSON object on stdout."
+    )
 
+
+#: Seconds between two progress reports of ``reprocess``.
+PROGRESS_SECONDS = 2.0
+
+#: ``progress(done, total, elapsed_seconds)``: events processed of the log's total.
+Progress = Callable[[int, int, float], None]
 
 _VIEW_DBS = ("requests", "samples", "pairs", "windows", "prompts", "closed")
 _META_PREFIXES = (b"scoring/counters", b"scoring/perf/", b"scoring/src/", b"cursor/scoring")
 
 
-async def reprocess(config: Any, *, allow_partial: bool = False) -> dict[str, Any]:
+async def reprocess(
+    config: Any,
+    *,
+    allow_partial: bool = False,
+    progress: Progress | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
+) -> dict[str, Any]:
     """Rebuilds the scoring views from the log; returns a summary.
+
+    ``progress`` is called every ``progress_seconds`` while the log is read,
+    and once when it has been read to the end.
 
     Raises:
         DataDirLockedError: a daemon holds the data dir.
@@ -211,6 +242,8 @@ async def reprocess(config: Any, *, allow_partial: bool = False) -> dict[str, An
     try:
         with store.read() as txn, txn.cursor(db=store.db("events")) as cur:
             first = int.from_bytes(cur.key(), "big") if cur.first() else 0
+            last = int.from_bytes(cur.key(), "big") if cur.last() else 0
+        total = last - first + 1 if first else 0
         if first > 1 and not allow_partial:
             raise SidecarError(
                 f"the log starts at seq {first}: retention trimmed older events, whose "
@@ -251,9 +284,15 @@ async def reprocess(config: Any, *, allow_partial: bool = False) -> dict[str, An
 
         await writer.run(wipe)
         runner = ProcessorRunner(store, writer, [proc], batch_events=5000)
+        stats = runner.stats[proc.name]
         started = time.monotonic()
+        next_report = started + progress_seconds
         while await runner.run_once() or not await runner.caught_up():
-            pass
+            if progress is not None and time.monotonic() >= next_report:
+                progress(stats.processed + stats.dead_lettered, total, time.monotonic() - started)
+                next_report = time.monotonic() + progress_seconds
+        if progress is not None:
+            progress(stats.processed + stats.dead_lettered, total, time.monotonic() - started)
         await runner.tick_all()
         scheduler = LearningScheduler(store, lcfg)
 
@@ -291,12 +330,47 @@ def run_reprocess(args: argparse.Namespace) -> int:
         print(f"atlas-sidecar: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = asyncio.run(reprocess(config, allow_partial=args.allow_partial))
+        summary = asyncio.run(
+            reprocess(
+                config,
+                allow_partial=args.allow_partial,
+                progress=None if args.quiet else _print_progress,
+            )
+        )
     except SidecarError as exc:
         print(f"atlas-sidecar: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary, sort_keys=True))
     return 0
+
+
+def progress_line(done: int, total: int, elapsed: float) -> str:
+    """``reprocess: 120,000 of 1,000,000 events (12%), 9,100 events/s, about 1 min 37 s left``."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    line = f"reprocess: {done:,} of {total:,} events"
+    if total:
+        line += f" ({100 * done // total}%)"
+    line += f", {rate:,.0f} events/s"
+    if done >= total:
+        return line + f", done in {_duration(elapsed)}"
+    if rate > 0:
+        line += f", about {_duration((total - done) / rate)} left"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m} min"
+
+
+def _print_progress(done: int, total: int, elapsed: float) -> None:
+    print(progress_line(done, total, elapsed), file=sys.stderr, flush=True)
 
 
 def register(commands: dict[str, Any]) -> None:

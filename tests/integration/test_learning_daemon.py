@@ -276,11 +276,13 @@ def test_kill_9_then_restart_equals_an_uninterrupted_run(
     assert daemon.stop() == 0
 
     # the reference: recompute every view from the same log in one uninterrupted run
-    subprocess.run(
+    rebuilt = subprocess.run(
         [*CLI, "reprocess", "--data-dir", str(daemon.data_dir), "--config", str(cfg)],
         check=True,
         capture_output=True,
+        text=True,
     )
+    assert "events (100%)" in rebuilt.stderr.splitlines()[-1], rebuilt.stderr
     for kind in ("sft", "dpo", "kto"):
         out = tmp_path / f"{kind}.jsonl"
         argv = ["export", "--kind", kind, "--out", str(out), "--data-dir", str(daemon.data_dir)]
