@@ -102,6 +102,8 @@ class ProcessorStats:
     batches: int = 0
     lag: int = 0
     last_batch_seconds: float = 0.0
+    #: seconds spent in this processor's ``process`` and ``end_batch`` calls
+    busy_seconds: float = 0.0
 
 
 def read_cursor(txn: lmdb.Transaction, store: Store, name: str) -> int:
@@ -334,6 +336,7 @@ class ProcessorRunner:
                 cursors[proc.name] = end + 1
                 st = self.stats[proc.name]
                 st.batches += 1
+                st.busy_seconds += spent
                 report[proc.name] = (start, done)
         more = False
         for p in waiting:
@@ -455,7 +458,13 @@ class ProcessorRunner:
         return {
             "dead_letters": dead,
             "processors": {
-                name: {"processed": st.processed, "dead_lettered": st.dead_lettered, "lag": st.lag}
+                name: {
+                    "processed": st.processed,
+                    "dead_lettered": st.dead_lettered,
+                    "lag": st.lag,
+                    # time in the processor itself, without reading the log
+                    "busy_seconds": round(st.busy_seconds, 3),
+                }
                 for name, st in self.stats.items()
             },
         }

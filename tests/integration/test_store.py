@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,28 @@ async def test_unparsable_log_entries_are_dead_lettered_by_every_processor(
     finally:
         await writer.shutdown()
         store.close()
+
+
+class _Sleepy(_Named):
+    """Spends at least 5 ms on each event."""
+
+    def process(
+        self, txn: lmdb.Transaction, seq: int, ingest_ms: int, event: events_pb2.Event
+    ) -> None:
+        time.sleep(0.005)
+        super().process(txn, seq, ingest_ms, event)
+
+
+async def test_status_shows_the_time_each_processor_spent(tmp_path: Path) -> None:
+    async with running(cfg(tmp_path)) as (store, writer):
+        runner = ProcessorRunner(store, writer, [_Named(store, "quick"), _Sleepy(store, "slow")])
+        writer.submit_events(items("x", 6)).result(5)
+        while await runner.run_once():
+            pass
+        status = runner.status()["processors"]
+        assert {n: s["processed"] for n, s in status.items()} == {"quick": 6, "slow": 6}
+        # sleep never returns early: the slow one spent at least 6 x 5 ms
+        assert status["slow"]["busy_seconds"] >= 0.03
 
 
 async def test_processors_close_together_read_each_event_once(
