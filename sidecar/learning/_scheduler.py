@@ -128,6 +128,18 @@ class LearningScheduler:
     def _save(self, txn: lmdb.Transaction, st: SchedulerState) -> None:
         txn.put(STATE_KEY, st.dump(), db=self._store.db("meta"))
 
+    def mark_all_seen(self, txn: lmdb.Transaction) -> None:
+        """Counts every stored sample and pair as already offered to an update.
+
+        After ``reprocess`` rebuilt the views, nothing rescored is new: the
+        sample-count trigger waits for samples that arrive from now on.
+        """
+        st = self.state(txn)
+        c = read_counters(txn, self._store)
+        st.sft_marker, st.pairs_marker = c.sft, c.pairs
+        st.sample_no, st.pair_no = c.samples, c.pairs
+        self._save(txn, st)
+
     def pending(self, txn: lmdb.Transaction, st: SchedulerState | None = None) -> int:
         st = st or self.state(txn)
         c = read_counters(txn, self._store)

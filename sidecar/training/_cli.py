@@ -297,12 +297,8 @@ async def reprocess(
         scheduler = LearningScheduler(store, lcfg)
 
         def settle(txn: lmdb.Transaction) -> dict[str, Any]:
-            # Nothing rescored counts as new: markers move to the rebuilt totals.
-            st = scheduler.state(txn)
+            scheduler.mark_all_seen(txn)
             c = read_counters(txn, store)
-            st.sft_marker, st.pairs_marker = c.sft, c.pairs
-            st.sample_no, st.pair_no = c.samples, c.pairs
-            scheduler._save(txn, st)
             summary = {
                 "weight_version": proc.weight_version,
                 "events": runner.stats[proc.name].processed,
