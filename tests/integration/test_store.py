@@ -251,26 +251,16 @@ async def test_unparsable_log_entries_are_dead_lettered_by_every_processor(
         store.close()
 
 
-class _Sleepy(_Named):
-    """Spends at least 5 ms on each event."""
-
-    def process(
-        self, txn: lmdb.Transaction, seq: int, ingest_ms: int, event: events_pb2.Event
-    ) -> None:
-        time.sleep(0.005)
-        super().process(txn, seq, ingest_ms, event)
-
-
 async def test_status_shows_the_time_each_processor_spent(tmp_path: Path) -> None:
     async with running(cfg(tmp_path)) as (store, writer):
-        runner = ProcessorRunner(store, writer, [_Named(store, "quick"), _Sleepy(store, "slow")])
-        writer.submit_events(items("x", 6)).result(5)
+        runner = ProcessorRunner(store, writer, [_Named(store, "quick"), _Slow(store)])
+        writer.submit_events(items("x", 40)).result(5)
         while await runner.run_once():
             pass
         status = runner.status()["processors"]
-        assert {n: s["processed"] for n, s in status.items()} == {"quick": 6, "slow": 6}
-        # sleep never returns early: the slow one spent at least 6 x 5 ms
-        assert status["slow"]["busy_seconds"] >= 0.03
+        assert {n: s["processed"] for n, s in status.items()} == {"quick": 40, "slow": 40}
+        # sleep never returns early: the slow one spent at least 40 x 0.5 ms
+        assert status["slow"]["busy_seconds"] >= 0.02
 
 
 async def test_processors_close_together_read_each_event_once(
@@ -428,9 +418,7 @@ class _Slow(_Recorder):
     def process(
         self, txn: lmdb.Transaction, seq: int, ingest_ms: int, event: events_pb2.Event
     ) -> None:
-        import time as _time
-
-        _time.sleep(0.0005)
+        time.sleep(0.0005)
         super().process(txn, seq, ingest_ms, event)
 
 
