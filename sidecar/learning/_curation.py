@@ -2,8 +2,9 @@
 
 :class:`HoldoutAtCuration.on_document` is a ``FeedbackProcessor`` sample
 document listener (it takes the stored sample document, so no ``Sample`` is
-built per scored answer on the processing path). It runs on the writer thread inside the transaction that stores the sample, so a
-good sample's holdout decision is made exactly when the sample first exists
+built per scored answer on the processing path). It runs on the writer
+thread inside the transaction that stores the sample, so a good sample's
+holdout decision is made exactly when the sample first exists
 and is as durable as the sample itself; a replay of the log (after a crash
 or ``atlas-sidecar reprocess``) meets the stored decision and keeps it.
 

@@ -102,7 +102,8 @@ class ProcessorStats:
     batches: int = 0
     lag: int = 0
     last_batch_seconds: float = 0.0
-    #: seconds spent in this processor's ``process`` and ``end_batch`` calls
+    #: seconds in this processor's rounds: its ``process`` and ``end_batch``
+    #: calls and their nested transaction (not reading the log)
     busy_seconds: float = 0.0
 
 
@@ -462,7 +463,6 @@ class ProcessorRunner:
                     "processed": st.processed,
                     "dead_lettered": st.dead_lettered,
                     "lag": st.lag,
-                    # time in the processor itself, without reading the log
                     "busy_seconds": round(st.busy_seconds, 3),
                 }
                 for name, st in self.stats.items()

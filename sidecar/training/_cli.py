@@ -173,6 +173,13 @@ def _export_offline(args: argparse.Namespace, since_ms: int) -> list[str]:
 # -- reprocess -----------------------------------------------------------------
 
 
+#: Seconds between two progress reports of ``reprocess``.
+PROGRESS_SECONDS = 2.0
+
+#: ``progress(done, total, elapsed_seconds)``: events processed of the log's total.
+Progress = Callable[[int, int, float], None]
+
+
 def setup_reprocess(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Recompute every score, sample and preference pair from the event log with the "
@@ -197,12 +204,6 @@ def setup_reprocess(p: argparse.ArgumentParser) -> None:
         f"{PROGRESS_SECONDS:g} s and once at the end; the summary is one JSON object on stdout."
     )
 
-
-#: Seconds between two progress reports of ``reprocess``.
-PROGRESS_SECONDS = 2.0
-
-#: ``progress(done, total, elapsed_seconds)``: events processed of the log's total.
-Progress = Callable[[int, int, float], None]
 
 _VIEW_DBS = ("requests", "samples", "pairs", "windows", "prompts", "closed")
 _META_PREFIXES = (b"scoring/counters", b"scoring/perf/", b"scoring/src/", b"cursor/scoring")
