@@ -135,6 +135,13 @@ class StoreConfig(_Section):
     # grows. Shorter keeps RSS lower; each release costs the hot pages a
     # minor fault to map again.
     release_mapped_pages_seconds: float = Field(default=1.0, ge=0)
+    # Free disk below which a failed write counts as a full disk (ingest
+    # answers RESOURCE_EXHAUSTED and reports NOT_SERVING), and how much must
+    # be free again before ingest reports SERVING. Higher flaps less between
+    # full and not full; lower gives the last space to the store.
+    min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # While the store is full, how often it checks whether space returned.
+    full_recheck_seconds: float = Field(default=2.0, gt=0, le=3600)
 
 
 class IngestConfig(_Section):
