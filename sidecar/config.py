@@ -291,6 +291,10 @@ class TrainingConfig(_Section):
     # URL for hook=http, and how many times a failed POST is retried.
     http_url: str = ""
     http_retries: int = Field(default=3, ge=0)
+    # Most bytes of the trainer endpoint's answer read (a candidate is a few
+    # hundred); a longer answer fails the run. Bounds what a broken or hostile
+    # endpoint can make the daemon hold.
+    http_max_response_bytes: int = Field(default=1 << 20, ge=1024)
     # A training run longer than this is killed and recorded as failed.
     timeout_seconds: float = Field(default=3600.0, gt=0)
     # The version traffic starts on; empty: the first model_version seen in
