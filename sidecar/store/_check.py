@@ -16,13 +16,12 @@ import lmdb
 
 from sidecar.config import StoreConfig
 from sidecar.errors import StoreCorruptError
-from sidecar.store._codec import decode_u64
+from sidecar.store._codec import CURSOR_PREFIX, decode_u64
 from sidecar.store._env import DB_NAMES, SCHEMA_VERSION, Store
 from sidecar.store._meta import MARKER_FILE, check_files, read_meta
 
 __all__ = ["CheckReport", "check_store"]
 
-_CURSOR_PREFIX = b"cursor/"
 _SCHEMA_KEY = b"schema_version"
 
 
@@ -209,12 +208,12 @@ def _check_meta(
     # past the one the log will give next
     nxt = last + 1
     with txn.cursor(db=meta) as cur:
-        if cur.set_range(_CURSOR_PREFIX):
+        if cur.set_range(CURSOR_PREFIX):
             for key, value in cur:
                 k = bytes(key)
-                if not k.startswith(_CURSOR_PREFIX):
+                if not k.startswith(CURSOR_PREFIX):
                     break
-                name = k[len(_CURSOR_PREFIX) :].decode(errors="replace")
+                name = k[len(CURSOR_PREFIX) :].decode(errors="replace")
                 if len(value) != 8:
                     problem(f"cursor {name!r}: {len(value)} bytes, expected 8")
                     continue

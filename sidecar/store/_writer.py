@@ -26,7 +26,7 @@ import lmdb
 from sidecar._compiled import RowBuilder, row_builder
 from sidecar.config import StoreConfig
 from sidecar.errors import StoreError, StoreFullError
-from sidecar.store._codec import decode_u64, encode_u64
+from sidecar.store._codec import CURSOR_PREFIX, decode_u64, encode_u64
 from sidecar.store._env import CORRUPTION_ERRORS, Store
 
 __all__ = ["IngestResult", "StoreWriter", "WriterStats", "append_rows"]
@@ -143,6 +143,16 @@ class StoreWriter:
             cur = txn.cursor(db=self._store.db("events"))
             self._next_seq = decode_u64(cur.key()) + 1 if cur.last() else 1
             meta = self._store.db("meta")
+            # Retention may have trimmed the whole log up to the processors'
+            # cursors; numbering again from 1 would put new events behind
+            # them, unread.
+            with txn.cursor(db=meta) as mcur:
+                if mcur.set_range(CURSOR_PREFIX):
+                    for key, value in mcur:
+                        if not bytes(key).startswith(CURSOR_PREFIX):
+                            break
+                        if len(value) == 8:
+                            self._next_seq = max(self._next_seq, decode_u64(value))
             for name, key in (
                 ("accepted", COUNTER_ACCEPTED),
                 ("duplicates", COUNTER_DUPLICATES),
