@@ -36,7 +36,7 @@ from atlas_sidecar_client.pb import admin_pb2
 
 from sidecar._aio import cancel_and_wait
 from sidecar.config import SidecarConfig
-from sidecar.errors import SidecarError
+from sidecar.errors import SidecarError, StoreError
 from sidecar.learning import Decision, HoldoutSet, LearningScheduler
 from sidecar.names import InvalidNameError, inside, require_name
 from sidecar.scoring import (
@@ -302,9 +302,17 @@ class TrainingStage:
         if ticks is None:
             return  # it is gone already
         run = RunningTrainer(uid, pid, ticks)
-        await self._writer.run(
-            lambda txn: txn.put(_RUNNING_KEY, run.encode(), db=self._store.db("meta"))
-        )
+        try:
+            await self._writer.run(
+                lambda txn: txn.put(_RUNNING_KEY, run.encode(), db=self._store.db("meta"))
+            )
+        except StoreError as exc:
+            # The leash still ties the trainer to this process; only a
+            # restart's clean-up of a leftover is lost. Not worth the run.
+            log.warning(
+                "could not record the running trainer",
+                extra={"update_id": uid, "pid": pid, "reason": str(exc)},
+            )
 
     async def build_batch(self, decision: Decision) -> tuple[LearningBatch, ComposeContext]:
         cfg = self.config.scoring

@@ -15,13 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import lmdb
 import pytest
+from atlas_sidecar_client.pb import admin_pb2
 
 from sidecar.config import StoreConfig
 from sidecar.store import MARKER_FILE, Store, encode_u64, read_meta
+from sidecar.testing import DaemonProcess
 from tests._helpers import running_store
 from tests.conftest import inference
+from tests.integration.test_learning_daemon import Client, traffic, write_config
 
 EVENTS = 3000
 _P_LEAF = 0x02
@@ -242,3 +246,57 @@ def test_a_file_cut_inside_its_meta_pages_is_refused(tmp_path: Path, cut: int) -
     data_file = make_store(data, events=10)
     os.truncate(data_file, cut)
     assert_refused(serve(data), str(data_file))
+
+
+def test_a_damaged_page_met_by_a_request_stops_a_serving_daemon_clearly(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        learning={"sample_count": 1_000_000, "time_interval_seconds": 1_000_000},
+    )
+    daemon = DaemonProcess(data, config=cfg, http_port=0, log_path=tmp_path / "first.log")
+    daemon.start()
+    client = Client(daemon.target)
+    try:
+        client.send(traffic(800))
+        client.wait(lambda s: s["samples"] >= 400)
+    finally:
+        client.close()
+        daemon.stop()
+    # a page in the middle of the samples: only a full read (an export) meets it
+    data_file = data / "lmdb" / "data.mdb"
+    env = lmdb.open(str(data / "lmdb"), readonly=True, lock=False, max_dbs=32)
+    with env.begin() as txn:
+        db = env.open_db(b"samples", txn=txn, create=False)
+        values = [bytes(v) for _k, v in txn.cursor(db=db)]
+    env.close()
+    middle = values[len(values) // 2][:48]
+    raw = data_file.read_bytes()
+    psize = read_meta(data_file).page_size
+    pages = [
+        no
+        for no in range(2, len(raw) // psize)
+        if middle in raw[no * psize : (no + 1) * psize]
+        and struct.unpack_from("<H", raw, no * psize + 10)[0] == _P_LEAF
+    ]
+    assert len(pages) == 1, pages
+    flip_page_header(data_file, pages[0])
+
+    log = tmp_path / "second.log"
+    daemon = DaemonProcess(data, config=cfg, http_port=0, log_path=log).start()
+    try:
+        client = Client(daemon.target)
+        with pytest.raises(grpc.RpcError):
+            list(
+                client.admin.ExportSamples(
+                    admin_pb2.ExportSamplesRequest(kind=admin_pb2.EXPORT_KIND_SFT), timeout=30
+                )
+            )
+        client.close()
+        assert daemon.proc is not None
+        assert daemon.proc.wait(30) == 3
+    finally:
+        daemon.kill()
+    stderr = log.read_text()
+    assert f"atlas-sidecar: {data_file} is damaged" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
