@@ -36,7 +36,7 @@ from atlas_sidecar_client.pb import admin_pb2
 
 from sidecar._aio import cancel_and_wait
 from sidecar.config import SidecarConfig
-from sidecar.errors import SidecarError, StoreError
+from sidecar.errors import SidecarError, StoreError, StoreFullError
 from sidecar.learning import Decision, HoldoutSet, LearningScheduler
 from sidecar.names import InvalidNameError, inside, require_name
 from sidecar.scoring import (
@@ -202,11 +202,18 @@ class TrainingStage:
 
     async def _run(self) -> None:
         interval = self.config.learning.evaluate_interval_seconds
+        full_logged = False
         while True:
             try:
                 await self.evaluate_once()
+                full_logged = False
             except asyncio.CancelledError:
                 raise
+            except StoreFullError as exc:
+                # expected until space returns: one line per full spell
+                if not full_logged:
+                    log.warning("learning waits: the store is full", extra={"reason": str(exc)})
+                    full_logged = True
             except Exception:
                 log.exception("learning scheduler evaluation failed; will retry")
             await asyncio.sleep(interval)
