@@ -107,7 +107,9 @@ def read_meta(path: Path) -> LmdbMeta:
 
 def check_files(data_dir: Path, data_file: Path) -> bool:
     """Refuses a data dir whose store was lost or cut short; says whether
-    ``data_file`` held an environment before this open.
+    ``data_file`` held committed data before this open (an environment whose
+    first commit never happened, say after a crash at the very first start,
+    counts as new).
 
     Raises:
         StoreCorruptError: the marker says a store was created here but
@@ -136,7 +138,7 @@ def check_files(data_dir: Path, data_file: Path) -> bool:
             f"({meta.last_page + 1} pages of {meta.page_size}). Restore the file from a "
             "backup, or move the data dir aside to start with an empty store"
         )
-    return True
+    return meta.txnid > 0
 
 
 def write_marker(data_dir: Path, schema_version: int) -> None:

@@ -39,11 +39,17 @@ def main(argv: list[str]) -> int:
     daemon_pid = int(argv[0])
     cmd = argv[2:]
     signal.signal(signal.SIGTERM, _kill_group)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        print(f"trainer leash: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}", file=sys.stderr)
-        return 126
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            err = os.strerror(ctypes.get_errno())
+            print(
+                f"trainer leash: PR_SET_PDEATHSIG failed ({err}); the trainer may outlive "
+                "the daemon, which kills it at its next start",
+                file=sys.stderr,
+            )
+    else:  # no parent-death signal: the next start's clean-up is all there is
+        print("trainer leash: no PR_SET_PDEATHSIG on this system", file=sys.stderr)
     if os.getppid() != daemon_pid:
         return 125  # the daemon died before the signal was armed
     try:

@@ -149,6 +149,29 @@ def test_a_fresh_data_dir_still_starts_empty(tmp_path: Path) -> None:
     store.close()
 
 
+def test_an_environment_without_a_commit_starts_as_a_new_store(tmp_path: Path) -> None:
+    # a crash at the very first start, after LMDB made the file, before the
+    # first commit: the next start is still a first start
+    data = tmp_path / "data"
+    (data / "lmdb").mkdir(parents=True)
+    lmdb.open(str(data / "lmdb"), max_dbs=4).close()
+    assert read_meta(data / "lmdb" / "data.mdb").txnid == 0
+    store = Store(StoreConfig(data_dir=data))
+    store.open()
+    assert store.schema_version == 1
+    store.close()
+
+
+def test_an_lmdb_file_without_the_schema_marker_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "lmdb").mkdir(parents=True)
+    env = lmdb.open(str(data / "lmdb"), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(b"someone", b"else's data")
+    env.close()
+    assert_refused(serve(data), str(data / "lmdb" / "data.mdb"), "without atlas-sidecar's schema")
+
+
 def test_data_file_cut_in_half_is_refused_with_both_sizes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data_file = make_store(data)
