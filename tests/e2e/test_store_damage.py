@@ -323,3 +323,18 @@ def test_a_damaged_page_met_by_a_request_stops_a_serving_daemon_clearly(tmp_path
     stderr = log.read_text()
     assert f"atlas-sidecar: {data_file} is damaged" in stderr, stderr[-2000:]
     assert "Traceback" not in stderr
+
+
+def test_the_meta_pages_read_by_hand_match_lmdbs_own_record(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data_file = make_store(data, events=1000)
+    env = lmdb.open(str(data / "lmdb"), readonly=True, lock=False, max_dbs=32)
+    info, psize = env.info(), env.stat()["psize"]
+    env.close()
+    meta = read_meta(data_file)
+    assert (meta.last_page, meta.txnid, meta.page_size) == (
+        info["last_pgno"],
+        info["last_txnid"],
+        psize,
+    )
+    assert meta.map_size == StoreConfig().map_size_bytes  # what the writer opened it with
