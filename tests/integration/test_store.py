@@ -554,3 +554,21 @@ async def test_numbering_continues_past_the_cursors_when_retention_emptied_the_l
         assert (result.first_seq, result.last_seq) == (6, 7)
         with store.read() as txn:
             assert read_cursor(txn, store, "scoring") == 6
+
+
+async def test_store_health_lifecycle(tmp_path: Path) -> None:
+    from sidecar.store import StoreHealth
+
+    changes: list[bool] = []
+
+    async def set_serving(serving: bool) -> None:
+        changes.append(serving)
+
+    config = cfg(tmp_path, sync=False)
+    async with running(config) as (store, writer):
+        health = StoreHealth(store, writer, config, set_serving)
+        await health.shutdown()  # before start: nothing to stop
+        await health.start()
+        await health.shutdown()
+        await health.shutdown()  # twice
+    assert changes == [] and health.status()["serving"] is True
