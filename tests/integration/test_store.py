@@ -19,6 +19,7 @@ from sidecar.errors import DataDirLockedError, SchemaVersionError, StoreError, S
 from sidecar.store import (
     Retention,
     Store,
+    StoreHealth,
     StoreWriter,
     append_history,
     encode_u64,
@@ -557,8 +558,6 @@ async def test_numbering_continues_past_the_cursors_when_retention_emptied_the_l
 
 
 async def test_store_health_lifecycle(tmp_path: Path) -> None:
-    from sidecar.store import StoreHealth
-
     changes: list[bool] = []
 
     async def set_serving(serving: bool) -> None:
