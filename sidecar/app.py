@@ -50,17 +50,27 @@ from sidecar.learning import (
 )
 from sidecar.rollout import RecentGoodAnswers, RegressionCase, RolloutAdmin, RolloutEngine
 from sidecar.scoring import FeedbackProcessor
-from sidecar.store import PageRelease, ProcessorRunner, Retention, Store, StoreWriter
+from sidecar.store import (
+    FatalHandler,
+    PageRelease,
+    ProcessorRunner,
+    Retention,
+    Store,
+    StoreHealth,
+    StoreWriter,
+)
 from sidecar.telemetry import LearningMonitor, Telemetry
 from sidecar.training import ComposerChain, ModelRecord, ModelRegistry, TrainingStage
 from sidecar.web import WebServer
 
-__all__ = ["SidecarApp", "Stage"]
+__all__ = ["INGEST_SERVICE", "SidecarApp", "Stage"]
 
 log = logging.getLogger(__name__)
 
+#: The ingest service's name in grpc.health.v1 (NOT_SERVING while the store is full).
+INGEST_SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 _SERVICE_NAMES = (
-    ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+    INGEST_SERVICE,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
     active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"].full_name,
@@ -101,10 +111,17 @@ class SidecarApp:
     """The daemon. ``start()`` binds every port or raises; ``shutdown()`` is idempotent."""
 
     def __init__(
-        self, config: SidecarConfig, *, telemetry_options: dict[str, Any] | None = None
+        self,
+        config: SidecarConfig,
+        *,
+        telemetry_options: dict[str, Any] | None = None,
+        on_store_fatal: FatalHandler | None = None,
     ) -> None:
+        """``on_store_fatal`` is called once when a damaged page is met while
+        serving (``atlas-sidecar serve`` exits then); without it the store's
+        readers and writers just raise ``StoreCorruptError``."""
         self.config = config
-        self.store = Store(config.store)
+        self.store = Store(config.store, on_fatal=on_store_fatal)
         self.writer = StoreWriter(self.store, config.store)
         self.retention = Retention(self.store, self.writer, config.store)
         self.page_release = PageRelease(self.store, config.store.release_mapped_pages_seconds)
@@ -125,6 +142,11 @@ class SidecarApp:
             connected_servers=self.control.connected_servers,
         )
         self.health = health.aio.HealthServicer()
+        # A full disk turns the ingest service NOT_SERVING until space returns.
+        self.store_health = StoreHealth(
+            self.store, self.writer, config.store, set_serving=self._ingest_serving
+        )
+        self.handlers.status["store_health"] = self.store_health.status
         # Stages that read the event log register processors here before start.
         self.processors = ProcessorRunner(self.store, self.writer, [])
         self.handlers.status["processing"] = self.processors.status
@@ -328,6 +350,7 @@ class SidecarApp:
                 await stage.start()
             await self.processors.start()
             await self._start_grpc()
+            await self.store_health.start()
             if cfg.server.http_listen:
                 self.web = WebServer(
                     cfg.server.http_listen,
@@ -398,6 +421,14 @@ class SidecarApp:
         for name in ("", *_SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    async def _ingest_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(INGEST_SERVICE, status)
+
     def request_stop(self) -> None:
         self._stopped.set()
 
@@ -414,6 +445,7 @@ class SidecarApp:
         self._shutdown_done = True
         grace = self.config.server.grace_seconds
         await self.health.enter_graceful_shutdown()
+        await self.store_health.shutdown()
         self.ingest.drain()
         # Control streams live as long as their servers: end them now, or
         # server.stop would wait out the whole grace period for them.

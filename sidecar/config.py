@@ -135,6 +135,13 @@ class StoreConfig(_Section):
     # grows. Shorter keeps RSS lower; each release costs the hot pages a
     # minor fault to map again.
     release_mapped_pages_seconds: float = Field(default=1.0, ge=0)
+    # Free disk below which a failed write counts as a full disk (ingest
+    # answers RESOURCE_EXHAUSTED and reports NOT_SERVING), and how much must
+    # be free again before ingest reports SERVING. Higher flaps less between
+    # full and not full; lower gives the last space to the store.
+    min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # While the store is full, how often it checks whether space returned.
+    full_recheck_seconds: float = Field(default=2.0, gt=0, le=3600)
 
 
 class IngestConfig(_Section):
@@ -284,6 +291,10 @@ class TrainingConfig(_Section):
     # URL for hook=http, and how many times a failed POST is retried.
     http_url: str = ""
     http_retries: int = Field(default=3, ge=0)
+    # Most bytes of the trainer endpoint's answer read (a candidate is a few
+    # hundred); a longer answer fails the run. Bounds what a broken or hostile
+    # endpoint can make the daemon hold.
+    http_max_response_bytes: int = Field(default=1 << 20, ge=1024)
     # A training run longer than this is killed and recorded as failed.
     timeout_seconds: float = Field(default=3600.0, gt=0)
     # The version traffic starts on; empty: the first model_version seen in

@@ -13,6 +13,7 @@ __all__ = [
     "PortInUseError",
     "SchemaVersionError",
     "SidecarError",
+    "StoreCorruptError",
     "StoreError",
     "StoreFullError",
 ]
@@ -32,6 +33,13 @@ class StoreError(SidecarError):
 
 class StoreFullError(StoreError):
     """The disk or the LMDB map is full and cannot grow; the write was not applied."""
+
+
+class StoreCorruptError(StoreError):
+    """The store's files are damaged, truncated or lost; the message names the file.
+
+    Not retryable: the daemon stops rather than write to a damaged store.
+    """
 
 
 class SchemaVersionError(StoreError):

@@ -1,5 +1,6 @@
 """Durable storage: one LMDB environment, one writer thread, retention."""
 
+from sidecar.store._check import CheckReport, check_store
 from sidecar.store._codec import (
     decode_id_value,
     decode_log_value,
@@ -9,9 +10,11 @@ from sidecar.store._codec import (
     encode_u64,
     seq_key,
 )
-from sidecar.store._env import DB_NAMES, SCHEMA_VERSION, Store
+from sidecar.store._env import CORRUPTION_ERRORS, DB_NAMES, SCHEMA_VERSION, FatalHandler, Store
+from sidecar.store._health import StoreHealth
 from sidecar.store._history import append_history, read_history
 from sidecar.store._mapped import MappedPages, PageRelease
+from sidecar.store._meta import MARKER_FILE, LmdbMeta, read_meta
 from sidecar.store._processor import (
     BatchingLogProcessor,
     LogProcessor,
@@ -23,11 +26,16 @@ from sidecar.store._retention import CURSOR_PREFIX, Retention, TrimResult, trim
 from sidecar.store._writer import IngestResult, StoreWriter, WriterStats, append_rows
 
 __all__ = [
+    "CORRUPTION_ERRORS",
     "CURSOR_PREFIX",
     "DB_NAMES",
+    "MARKER_FILE",
     "SCHEMA_VERSION",
     "BatchingLogProcessor",
+    "CheckReport",
+    "FatalHandler",
     "IngestResult",
+    "LmdbMeta",
     "LogProcessor",
     "MappedPages",
     "PageRelease",
@@ -35,11 +43,13 @@ __all__ = [
     "ProcessorStats",
     "Retention",
     "Store",
+    "StoreHealth",
     "StoreWriter",
     "TrimResult",
     "WriterStats",
     "append_history",
     "append_rows",
+    "check_store",
     "decode_id_value",
     "decode_log_value",
     "decode_u64",
@@ -48,6 +58,7 @@ __all__ = [
     "encode_u64",
     "read_cursor",
     "read_history",
+    "read_meta",
     "seq_key",
     "trim",
 ]

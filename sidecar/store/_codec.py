@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 __all__ = [
+    "CURSOR_PREFIX",
     "decode_id_value",
     "decode_log_value",
     "decode_u64",
@@ -19,6 +20,10 @@ __all__ = [
     "encode_u64",
     "seq_key",
 ]
+
+#: ``meta`` keys ``cursor/<processor>``: the next sequence number that
+#: processor will read (a u64).
+CURSOR_PREFIX = b"cursor/"
 
 _U64 = struct.Struct(">Q")
 _U64x2 = struct.Struct(">QQ")

@@ -8,17 +8,18 @@ import fcntl
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
 from sidecar.config import StoreConfig
-from sidecar.errors import DataDirLockedError, SchemaVersionError, StoreError
+from sidecar.errors import DataDirLockedError, SchemaVersionError, StoreCorruptError, StoreError
 from sidecar.store._codec import decode_u64, encode_u64
+from sidecar.store._meta import check_files, write_marker
 
-__all__ = ["DB_NAMES", "SCHEMA_VERSION", "Store"]
+__all__ = ["CORRUPTION_ERRORS", "DB_NAMES", "SCHEMA_VERSION", "Store"]
 
 #: Bumped when a stored layout changes incompatibly. A data dir with a newer
 #: version is refused; an older one would be migrated here.
@@ -52,6 +53,22 @@ DB_NAMES: tuple[str, ...] = (
 )
 
 _SCHEMA_KEY = b"schema_version"
+
+#: LMDB errors that mean the file itself is damaged (a page that is not what
+#: its parent says, a page past the end, a meta page that failed to write).
+#: Retrying cannot help; writing on may spread the damage.
+CORRUPTION_ERRORS: tuple[type[lmdb.Error], ...] = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.PanicError,
+    lmdb.InvalidError,
+    lmdb.BadChecksumError,
+    lmdb.IncompatibleError,
+)
+
+#: Called once, from whichever thread found it, when the store turns out to
+#: be damaged while the daemon runs.
+FatalHandler = Callable[[StoreCorruptError], None]
 
 
 class _SharedExclusiveLock:
@@ -102,15 +119,27 @@ class Store:
     Only the :class:`~sidecar.store.StoreWriter` thread writes; any thread may
     read through :meth:`read`. The data dir is locked (``flock``) for the life
     of the process, so a second sidecar on the same dir is refused.
+
+    A damaged page met by :meth:`read` or :meth:`write_txn` raises
+    :class:`StoreCorruptError` naming the file, and ``on_fatal`` is called
+    once with it (the daemon stops with a clear message then).
     """
 
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig, *, on_fatal: FatalHandler | None = None) -> None:
         self._config = config
         self._env: lmdb.Environment | None = None
         self._dbs: dict[str, Any] = {}
         self._lock_fd: int | None = None
         self._resize = _SharedExclusiveLock()
+        self._on_fatal = on_fatal
+        self._fatal_lock = threading.Lock()
+        self.corrupt: StoreCorruptError | None = None
         self.data_dir = Path(config.data_dir)
+
+    @property
+    def data_file(self) -> Path:
+        """The LMDB file holding every database."""
+        return self.data_dir / "lmdb" / "data.mdb"
 
     # -- lifecycle -------------------------------------------------------
 
@@ -120,6 +149,8 @@ class Store:
         Raises:
             DataDirLockedError: another process holds the data dir.
             SchemaVersionError: the data was written by a newer schema.
+            StoreCorruptError: the store's file is lost, truncated or damaged
+                (the message names the file).
             StoreError: the environment cannot be opened.
         """
         if self._env is not None:
@@ -128,7 +159,12 @@ class Store:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create data dir {self.data_dir}: {exc.strerror}") from exc
-        self._lock_data_dir()
+        self.lock_data_dir()
+        try:
+            existed = check_files(self.data_dir, self.data_file)
+        except BaseException:
+            self.close()
+            raise
         try:
             self._env = lmdb.open(
                 str(self.data_dir / "lmdb"),
@@ -145,11 +181,22 @@ class Store:
             with self._env.begin(write=True) as txn:
                 for name in DB_NAMES:
                     self._dbs[name] = self._env.open_db(name.encode(), txn=txn)
-                self._check_schema(txn)
+                self._check_schema(txn, existed)
+            self._check_ends()
+            write_marker(self.data_dir, SCHEMA_VERSION)
+        except CORRUPTION_ERRORS as exc:
+            self.close()
+            raise StoreCorruptError(
+                f"{self.data_file} is damaged: {exc}. Run `atlas-sidecar check --data-dir "
+                f"{self.data_dir}` for details; restore the file from a backup"
+            ) from exc
         except lmdb.Error as exc:
             self.close()
             raise StoreError(f"cannot open store in {self.data_dir}: {exc}") from exc
-        except SchemaVersionError:
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"cannot open store in {self.data_dir}: {exc}") from exc
+        except StoreError:
             self.close()
             raise
 
@@ -164,7 +211,12 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _lock_data_dir(self) -> None:
+    def lock_data_dir(self) -> None:
+        """Takes the data dir's lock (released by :meth:`close`).
+
+        Raises:
+            DataDirLockedError: another process holds it.
+        """
         path = self.data_dir / "LOCK"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -172,19 +224,31 @@ class Store:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                holder = path.read_text().strip() or "another process"
+                # The pid written in LOCK is whoever locked it last; the
+                # holder now may be any process (a backup tool, a second
+                # sidecar that never wrote it), so no pid is named.
                 raise DataDirLockedError(
-                    f"data dir {self.data_dir} is held by another sidecar (pid {holder})"
+                    f"data dir {self.data_dir} is held by another sidecar or process "
+                    f"(it holds the lock on {path}); stop it, or point --data-dir elsewhere"
                 ) from exc
-            raise
+            raise StoreError(f"cannot lock data dir {self.data_dir}: {exc.strerror}") from exc
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
-    def _check_schema(self, txn: lmdb.Transaction) -> None:
+    def _check_schema(self, txn: lmdb.Transaction, existed: bool) -> None:
         meta = self._dbs["meta"]
         raw = txn.get(_SCHEMA_KEY, db=meta)
         if raw is None:
+            if existed:
+                # An environment that was there before this open always has
+                # the schema marker: without it, this is not our store, or
+                # its meta database was lost.
+                raise StoreCorruptError(
+                    f"{self.data_file} holds an LMDB environment without atlas-sidecar's "
+                    f"schema marker (meta key {_SCHEMA_KEY.decode()!r}); refusing to "
+                    "start on it. Restore the file from a backup, or move the data dir aside"
+                )
             txn.put(_SCHEMA_KEY, encode_u64(SCHEMA_VERSION), db=meta)
             return
         found = decode_u64(raw)
@@ -194,6 +258,35 @@ class Store:
                 f"atlas-sidecar supports ({SCHEMA_VERSION}); upgrade atlas-sidecar or "
                 "point --data-dir elsewhere"
             )
+
+    def _check_ends(self) -> None:
+        """Reads both ends of every database: a damaged page on the path to
+        the first or last entry shows at start, not at the first request.
+        (The whole file is read by ``atlas-sidecar check``.)"""
+        with self.env.begin(buffers=False) as txn:
+            for name in DB_NAMES:
+                db = self._dbs[name]
+                txn.stat(db)
+                with txn.cursor(db=db) as cur:
+                    if cur.first():
+                        cur.item()
+                    if cur.last():
+                        cur.item()
+
+    def fatal(self, exc: lmdb.Error, where: str) -> StoreCorruptError:
+        """The error to raise for a damaged page met in ``where``; tells
+        ``on_fatal`` the first time."""
+        err = StoreCorruptError(
+            f"{self.data_file} is damaged ({where}: {exc}). Run `atlas-sidecar check "
+            f"--data-dir {self.data_dir}` for details; restore the file from a backup"
+        )
+        with self._fatal_lock:
+            first = self.corrupt is None
+            if first:
+                self.corrupt = err
+        if first and self._on_fatal is not None:
+            self._on_fatal(err)
+        return self.corrupt or err
 
     # -- access ----------------------------------------------------------
 
@@ -221,15 +314,30 @@ class Store:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        """A short read transaction. Keep it short: long readers stop page reuse."""
-        with self._resize.shared(), self.env.begin(buffers=False) as txn:
-            yield txn
+        """A short read transaction. Keep it short: long readers stop page reuse.
+
+        Raises:
+            StoreCorruptError: a damaged page was met inside the block.
+        """
+        try:
+            with self._resize.shared(), self.env.begin(buffers=False) as txn:
+                yield txn
+        except CORRUPTION_ERRORS as exc:
+            raise self.fatal(exc, "read") from exc
 
     @contextlib.contextmanager
     def write_txn(self) -> Iterator[lmdb.Transaction]:
-        """A write transaction; only the writer thread may call this."""
-        with self._resize.shared(), self.env.begin(write=True) as txn:
-            yield txn
+        """A write transaction; only the writer thread may call this.
+
+        Raises:
+            StoreCorruptError: a damaged page was met, or the commit failed so
+                that LMDB will not write again (its meta page did not update).
+        """
+        try:
+            with self._resize.shared(), self.env.begin(write=True) as txn:
+                yield txn
+        except CORRUPTION_ERRORS as exc:
+            raise self.fatal(exc, "write") from exc
 
     @property
     def schema_version(self) -> int:

@@ -38,6 +38,7 @@ from atlas_sidecar_client.pb import events_pb2
 from google.protobuf.message import DecodeError
 
 from sidecar._aio import cancel_and_wait, set_threadsafe, wait_event
+from sidecar.errors import StoreFullError
 from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
 from sidecar.store._retention import CURSOR_PREFIX
@@ -170,6 +171,7 @@ class ProcessorRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = {p.name: ProcessorStats() for p in self._processors}
         self._stopping = False
+        self._full_logged = False
 
     def add(self, processor: LogProcessor) -> None:
         if self._task is not None:
@@ -217,10 +219,20 @@ class ProcessorRunner:
                     next_tick = time.monotonic() + self._tick
             except asyncio.CancelledError:
                 raise
+            except StoreFullError as exc:
+                # Expected until space returns (StoreHealth reports it): one
+                # line per full spell, not a traceback every retry.
+                if not self._full_logged:
+                    log.warning("processors wait: the store is full", extra={"reason": str(exc)})
+                    self._full_logged = True
+                more = False
+                await asyncio.sleep(1.0)
             except Exception:
                 log.exception("processor batch failed; retrying")
                 more = False
                 await asyncio.sleep(0.5)
+            else:
+                self._full_logged = False
             if not more:
                 await wait_event(self._wakeup, self._tick)
                 self._wakeup.clear()
@@ -240,6 +252,8 @@ class ProcessorRunner:
         for proc in self._processors:
             try:
                 await self._writer.run(functools.partial(_tick, proc, now_ms=now))
+            except StoreFullError:
+                pass  # reported once by the round that met it (see _run)
             except Exception:
                 log.exception("processor tick failed", extra={"processor": proc.name})
 

@@ -20,7 +20,7 @@ import lmdb
 
 from sidecar._aio import cancel_and_wait
 from sidecar.config import StoreConfig
-from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
+from sidecar.store._codec import CURSOR_PREFIX, decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
 from sidecar.store._writer import StoreWriter
 
@@ -28,7 +28,6 @@ __all__ = ["CURSOR_PREFIX", "Retention", "TrimResult", "trim"]
 
 log = logging.getLogger(__name__)
 
-CURSOR_PREFIX = b"cursor/"
 _DEDUPE_TRIM_KEY = b"retention/dedupe_next_seq"
 
 

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +26,8 @@ import lmdb
 from sidecar._compiled import RowBuilder, row_builder
 from sidecar.config import StoreConfig
 from sidecar.errors import StoreError, StoreFullError
-from sidecar.store._codec import decode_u64, encode_u64
-from sidecar.store._env import Store
+from sidecar.store._codec import CURSOR_PREFIX, decode_u64, encode_u64
+from sidecar.store._env import CORRUPTION_ERRORS, Store
 
 __all__ = ["IngestResult", "StoreWriter", "WriterStats", "append_rows"]
 
@@ -55,6 +56,8 @@ class WriterStats:
     events: int = 0
     last_commit_seconds: float = 0.0
     failed_commits: int = 0
+    #: commits that failed because the disk or the map was full
+    full_commits: int = 0
     map_grows: int = 0
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -125,6 +128,10 @@ class StoreWriter:
         self._listeners: list[Callable[[int], None]] = []
         self._stopping = False
         self._rows: RowBuilder = row_builder() or append_rows
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._full_event: asyncio.Event | None = None
+        #: the last "store full" failure, until :meth:`clear_full`
+        self.full: StoreFullError | None = None
         self.stats = WriterStats()
 
     # -- lifecycle -------------------------------------------------------
@@ -136,6 +143,16 @@ class StoreWriter:
             cur = txn.cursor(db=self._store.db("events"))
             self._next_seq = decode_u64(cur.key()) + 1 if cur.last() else 1
             meta = self._store.db("meta")
+            # Retention may have trimmed the whole log up to the processors'
+            # cursors; numbering again from 1 would put new events behind
+            # them, unread.
+            with txn.cursor(db=meta) as mcur:
+                if mcur.set_range(CURSOR_PREFIX):
+                    for key, value in mcur:
+                        if not bytes(key).startswith(CURSOR_PREFIX):
+                            break
+                        if len(value) == 8:
+                            self._next_seq = max(self._next_seq, decode_u64(value))
             for name, key in (
                 ("accepted", COUNTER_ACCEPTED),
                 ("duplicates", COUNTER_DUPLICATES),
@@ -144,6 +161,8 @@ class StoreWriter:
                 raw = txn.get(key, db=meta)
                 self.stats.counters[name] = decode_u64(raw) if raw else 0
         self._stopping = False
+        self._loop = asyncio.get_running_loop()
+        self._full_event = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -166,6 +185,28 @@ class StoreWriter:
     def next_seq(self) -> int:
         """Sequence number the next stored event will get."""
         return self._next_seq
+
+    async def wait_full(self) -> StoreFullError:
+        """Returns once a commit has failed for a full disk or map (at once
+        when one has since the last :meth:`clear_full`). Call after start."""
+        if self._full_event is None:
+            raise StoreError("store writer is not running")
+        await self._full_event.wait()
+        return self.full or StoreFullError("store is full")
+
+    def clear_full(self) -> None:
+        """Forgets the last "full" failure; the next one is reported anew."""
+        self.full = None
+        if self._full_event is not None:
+            self._full_event.clear()
+
+    def _set_full(self, exc: StoreFullError) -> None:
+        """On the writer thread: records the failure and wakes ``wait_full``."""
+        self.stats.full_commits += 1
+        self.full = exc
+        if self._loop is not None and self._full_event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(self._full_event.set)
 
     def add_commit_listener(self, listener: Callable[[int], None]) -> None:
         """Calls ``listener(last_seq)`` on the writer thread after each commit that
@@ -300,7 +341,10 @@ class StoreWriter:
                 )
                 return
             except lmdb.Error as exc:
-                self._fail(jobs, _translate(exc))
+                self._fail(jobs, self._translate(exc, jobs))
+                return
+            except StoreError as exc:  # the store found a damaged page
+                self._fail(jobs, exc)
                 return
             except Exception as exc:  # a bug: fail the jobs, keep the thread alive
                 log.exception("store writer: unexpected error")
@@ -330,7 +374,40 @@ class StoreWriter:
 
     def _fail(self, jobs: list[_Job], exc: Exception) -> None:
         self.stats.failed_commits += 1
+        if isinstance(exc, StoreFullError):
+            self._set_full(exc)
         self._resolve(jobs, [exc] * len(jobs))
+
+    def _translate(self, exc: lmdb.Error, jobs: list[_Job]) -> StoreError:
+        """The store's error for a failed commit. A failed commit is aborted
+        whole and leaves the environment usable, unless LMDB could not
+        update its meta page: it then refuses every later transaction
+        (MDB_PANIC), and that, like a damaged page, is fatal."""
+        if isinstance(exc, CORRUPTION_ERRORS):
+            return self._store.fatal(exc, "commit")
+        code = getattr(exc, "code", None)
+        text = str(exc)
+        if isinstance(exc, lmdb.DiskError) or code in (errno.ENOSPC, errno.EDQUOT):
+            return StoreFullError(f"disk full while committing to the store: {text}")
+        if isinstance(exc, lmdb.MapFullError):
+            return StoreFullError(f"store map is full: {text}")
+        if code == errno.EIO:
+            # LMDB turns a short write into EIO: the file system took part
+            # of the pages, then ran out (mdb.c, mdb_page_flush). So EIO on a
+            # nearly full disk is a full disk; on a roomy one, a real I/O error.
+            free = _free_bytes(self._store.data_dir)
+            need = self._config.min_free_bytes + sum(
+                sum(len(k) + len(v) for k, v in job.items)
+                for job in jobs
+                if isinstance(job, _IngestJob)
+            )
+            if free is not None and free < need:
+                return StoreFullError(
+                    f"disk full while committing to the store: {free} bytes free "
+                    f"(under store.min_free_bytes={self._config.min_free_bytes} plus the "
+                    f"batch): {text}"
+                )
+        return StoreError(f"store commit failed: {text}")
 
     def _resolve(self, jobs: list[_Job], results: list[Any]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
@@ -459,10 +536,9 @@ def _append_events(
     return next_seq, len(items) - len(log_rows)
 
 
-def _translate(exc: lmdb.Error) -> StoreError:
-    text = str(exc)
-    if "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC:
-        return StoreFullError(f"disk full while committing to the store: {text}")
-    if isinstance(exc, lmdb.MapFullError):
-        return StoreFullError(f"store map is full: {text}")
-    return StoreError(f"store commit failed: {text}")
+def _free_bytes(path: Any) -> int | None:
+    """Free bytes for unprivileged writers on ``path``'s file system."""
+    try:
+        return int(shutil.disk_usage(path).free)
+    except OSError:
+        return None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.names import inside, require_name
 from sidecar.scoring import dpo_row, encode_row, kto_row, sft_row
 from sidecar.training._composer import LearningBatch
 
@@ -63,10 +64,17 @@ def write_snapshot(
     """Writes the snapshot (blocking file I/O: call it off the event loop).
 
     An existing complete snapshot of the same id is kept and returned as is.
+
+    Raises:
+        InvalidNameError: ``update_id`` is not a valid name, or its folder
+            would not be inside ``root``.
     """
+    require_name("update_id", update_id)
+    inside(root, update_id)
     final = root / update_id
     if (final / MANIFEST).exists():
         return Snapshot(update_id, final, json.loads((final / MANIFEST).read_text()))
+    inside(root, f".tmp-{update_id}")
     tmp = root / f".tmp-{update_id}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -1,10 +1,14 @@
 """Trainer hooks: how a dataset snapshot reaches a trainer.
 
-- ``command``: runs an argv template as a subprocess (its own process group),
-  stdout and stderr to ``<output_dir>/trainer.log``, killed after the
-  timeout; exit code 0 is required.
+- ``command``: runs an argv template as a subprocess in its own process
+  group, on a leash (``_leash.py``) that kills the group when the daemon
+  dies, even by ``kill -9``; stdout and stderr to ``<output_dir>/trainer.log``,
+  killed after the timeout; exit code 0 is required. Each placeholder is
+  substituted once: a value is never searched for placeholders again.
 - ``http``: POSTs the manifest (plus ``dataset_dir``/``output_dir``) as JSON,
-  retrying connection errors and 5xx answers with backoff.
+  retrying connection errors and 5xx answers with backoff. Redirects are
+  followed only to the same scheme, host and port; at most
+  ``training.http_max_response_bytes`` of an answer are read.
 - ``none``: export only (the stage skips training).
 
 The trainer answers with ``<output_dir>/candidate.json`` (``version``,
@@ -18,16 +22,21 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+from yarl import URL
 
 from sidecar.config import TrainingConfig
 from sidecar.errors import SidecarError
+from sidecar.names import check_name
 from sidecar.training._registry import InvalidCandidateError, validate_candidate
 
 __all__ = [
@@ -43,6 +52,10 @@ __all__ = [
 
 CANDIDATE_FILE = "candidate.json"
 LOG_FILE = "trainer.log"
+#: The wrapper every command trainer runs under (a file of its own, run by path).
+LEASH = Path(__file__).with_name("_leash.py")
+#: Same-origin redirects followed by the http hook before it gives up.
+MAX_REDIRECTS = 5
 
 
 class TrainingFailed(SidecarError):
@@ -57,6 +70,9 @@ class TrainingJob:
     base_version: str
     manifest: Mapping[str, Any]
     timeout_seconds: float
+    #: Awaited with the trainer's pid once its process runs (the stage records
+    #: it, so that a restart can find and kill a trainer left behind).
+    on_started: Callable[[int], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,19 +122,28 @@ def read_candidate_file(path: Path) -> CandidateSpec | None:
     return parse_candidate(doc, CANDIDATE_FILE)
 
 
+_PLACEHOLDER = re.compile(r"\{(dataset_dir|output_dir|base_version|update_id)\}")
+
+
 def render_argv(template: Sequence[str], job: TrainingJob) -> list[str]:
+    """The template with each placeholder replaced by its value, in one pass:
+    a value that itself holds ``{output_dir}`` stays as it is.
+
+    Raises:
+        TrainingFailed: the update id or base version is not a valid name
+            (it would be read as an option, or escape its folder).
+    """
+    for name, value in (("update_id", job.update_id), ("base_version", job.base_version)):
+        reason = check_name(name, value)
+        if reason is not None and not (name == "base_version" and not value):
+            raise TrainingFailed(f"not starting the trainer: {reason}")
     values = {
-        "{dataset_dir}": str(job.dataset_dir),
-        "{output_dir}": str(job.output_dir),
-        "{base_version}": job.base_version,
-        "{update_id}": job.update_id,
+        "dataset_dir": str(job.dataset_dir),
+        "output_dir": str(job.output_dir),
+        "base_version": job.base_version,
+        "update_id": job.update_id,
     }
-    out = []
-    for arg in template:
-        for key, value in values.items():
-            arg = arg.replace(key, value)
-        out.append(arg)
-    return out
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in template]
 
 
 class CommandHook:
@@ -130,21 +155,30 @@ class CommandHook:
 
     async def train(self, job: TrainingJob) -> CandidateSpec | None:
         argv = render_argv(self._argv, job)
+        env = {**os.environ, **(self._env or {}), "ATLAS_UPDATE_ID": job.update_id}
+        if shutil.which(argv[0], path=env.get("PATH")) is None:
+            raise TrainingFailed(f"cannot start trainer {argv[0]!r}: not found or not executable")
         job.output_dir.mkdir(parents=True, exist_ok=True)
+        # The leash is forked from the event loop's thread, which lives as
+        # long as the daemon: PR_SET_PDEATHSIG fires when the forking thread
+        # ends, not only the process.
+        leashed = [sys.executable, "-I", "-S", str(LEASH), str(os.getpid()), "--", *argv]
         with open(job.output_dir / LOG_FILE, "ab") as logf:  # noqa: ASYNC230 - opening is instant
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *argv,
+                    *leashed,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=logf,
                     stderr=logf,
                     cwd=job.output_dir,
-                    env={**os.environ, **(self._env or {}), "ATLAS_UPDATE_ID": job.update_id},
+                    env=env,
                     start_new_session=True,
                 )
             except OSError as exc:
                 raise TrainingFailed(f"cannot start trainer {argv[0]!r}: {exc.strerror}") from exc
             try:
+                if job.on_started is not None:
+                    await job.on_started(proc.pid)
                 rc = await asyncio.wait_for(proc.wait(), timeout=job.timeout_seconds)
             except TimeoutError:
                 _kill_group(proc.pid)
@@ -153,7 +187,7 @@ class CommandHook:
                     f"trainer timed out after {job.timeout_seconds:g} s "
                     "(training.timeout_seconds) and was killed"
                 ) from None
-            except asyncio.CancelledError:
+            except BaseException:  # cancelled (shutdown), or the record failed
                 _kill_group(proc.pid)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(proc.wait())
@@ -172,10 +206,18 @@ def _kill_group(pid: int) -> None:
 class HttpHook:
     name = "http"
 
-    def __init__(self, url: str, *, retries: int = 3, backoff_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        retries: int = 3,
+        backoff_seconds: float = 0.5,
+        max_response_bytes: int = 1 << 20,
+    ) -> None:
         self._url = url
         self._retries = retries
         self._backoff = backoff_seconds
+        self._max_bytes = max_response_bytes
 
     async def train(self, job: TrainingJob) -> CandidateSpec | None:
         body = {
@@ -192,13 +234,7 @@ class HttpHook:
                 if attempt:
                     await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
                 try:
-                    async with session.post(self._url, json=body) as resp:
-                        text = await resp.text()
-                        if 200 <= resp.status < 300:
-                            return _candidate_from_body(text, job.output_dir)
-                        last = f"HTTP {resp.status}: {text[:200]}"
-                        if resp.status < 500:
-                            break
+                    status, text = await self._post(session, body)
                 except TimeoutError:
                     raise TrainingFailed(
                         f"trainer endpoint {self._url} did not answer in "
@@ -206,7 +242,51 @@ class HttpHook:
                     ) from None
                 except aiohttp.ClientError as exc:
                     last = f"{type(exc).__name__}: {exc}"
+                    continue
+                if 200 <= status < 300:
+                    return _candidate_from_body(text, job.output_dir)
+                last = f"HTTP {status}: {text[:200]}"
+                if status < 500:
+                    break
         raise TrainingFailed(f"trainer endpoint {self._url} failed: {last}")
+
+    async def _post(self, session: aiohttp.ClientSession, body: dict[str, Any]) -> tuple[int, str]:
+        """POSTs ``body``, following redirects only within the same origin;
+        returns (status, text of at most ``max_response_bytes``).
+
+        Raises:
+            TrainingFailed: a redirect to another origin, too many redirects,
+                or an answer over the size limit (none of them is retried).
+        """
+        url = URL(self._url)
+        for _ in range(MAX_REDIRECTS + 1):
+            async with session.post(url, json=body, allow_redirects=False) as resp:
+                if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                    target = url.join(URL(resp.headers["Location"]))
+                    if target.origin() != url.origin():
+                        raise TrainingFailed(
+                            f"trainer endpoint {self._url} redirected to another host "
+                            f"({target.origin()}); not followed"
+                        )
+                    url = target
+                    continue
+                return resp.status, await self._read(resp)
+        raise TrainingFailed(
+            f"trainer endpoint {self._url} redirected more than {MAX_REDIRECTS} times"
+        )
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> str:
+        limit = self._max_bytes
+        over = TrainingFailed(
+            f"trainer endpoint {self._url} answered more than {limit} bytes "
+            "(training.http_max_response_bytes)"
+        )
+        if resp.content_length is not None and resp.content_length > limit:
+            raise over
+        raw = await resp.content.read(limit + 1)
+        if len(raw) > limit:
+            raise over
+        return raw.decode(resp.get_encoding() if resp.charset else "utf-8", errors="replace")
 
 
 def _candidate_from_body(text: str, output_dir: Path) -> CandidateSpec | None:
@@ -223,5 +303,9 @@ def make_hook(config: TrainingConfig) -> TrainerHook | None:
     if config.hook == "command":
         return CommandHook(config.command)
     if config.hook == "http":
-        return HttpHook(config.http_url, retries=config.http_retries)
+        return HttpHook(
+            config.http_url,
+            retries=config.http_retries,
+            max_response_bytes=config.http_max_response_bytes,
+        )
     return None

@@ -11,7 +11,9 @@ history: ``dataset``, ``training_started``, ``training_succeeded`` or
 
 A failed run clears the in-flight mark and counts a failure: the scheduler
 then backs off, so a broken trainer cannot cause a trigger storm. A run cut
-short by a restart is recorded as failed on the next start, not re-run.
+short by a restart is recorded as failed on the next start, not re-run; a
+trainer of such a run that is still alive (recorded by pid and start time)
+is killed, with its process group, before anything else can start.
 
 The stage also answers the AdminService ``TriggerLearning`` and
 ``ExportSamples`` RPCs and gives the ``learning`` part of the status.
@@ -34,8 +36,9 @@ from atlas_sidecar_client.pb import admin_pb2
 
 from sidecar._aio import cancel_and_wait
 from sidecar.config import SidecarConfig
-from sidecar.errors import SidecarError
+from sidecar.errors import SidecarError, StoreError, StoreFullError
 from sidecar.learning import Decision, HoldoutSet, LearningScheduler
+from sidecar.names import InvalidNameError, inside, require_name
 from sidecar.scoring import (
     EXPORT_KINDS,
     FeedbackProcessor,
@@ -66,6 +69,7 @@ from sidecar.training._hooks import (
     TrainingJob,
     make_hook,
 )
+from sidecar.training._procs import RunningTrainer, kill_group, process_start_ticks
 from sidecar.training._registry import CandidateExistsError, ModelRegistry
 
 __all__ = ["TrainingStage", "UpdateOutcome"]
@@ -78,6 +82,8 @@ _EXPORT_KIND_NAMES = {
     admin_pb2.EXPORT_KIND_KTO: "kto",
 }
 _EXPORT_CHUNK = 500
+#: meta key of the trainer process now running (a RunningTrainer), if any
+_RUNNING_KEY = b"training/running"
 
 
 class InvalidRequestError(SidecarError):
@@ -153,6 +159,7 @@ class TrainingStage:
         self._started = True
         await self._writer.run(self.scoring.bind)
         await self.registry.start()
+        await self._kill_leftover_trainer()
         await self._writer.run(self._recover)
         self._loop_task = asyncio.create_task(self._run(), name="learning-scheduler")
 
@@ -168,7 +175,23 @@ class TrainingStage:
                 await upd
         await self.registry.shutdown()
 
+    async def _kill_leftover_trainer(self) -> None:
+        """A trainer recorded as running when the daemon last stopped is killed
+        (its whole group) if that very process still runs; a pid that now
+        names another process (its start time differs) is left alone."""
+        with self._store.read() as txn:
+            raw = txn.get(_RUNNING_KEY, db=self._store.db("meta"))
+        run = RunningTrainer.decode(bytes(raw)) if raw is not None else None
+        if run is None:
+            return
+        if await asyncio.to_thread(kill_group, run):
+            log.warning(
+                "killed the trainer of an interrupted run, left running by the last daemon",
+                extra={"update_id": run.update_id, "pid": run.pid},
+            )
+
     def _recover(self, txn: lmdb.Transaction) -> None:
+        txn.delete(_RUNNING_KEY, db=self._store.db("meta"))
         st = self.scheduler.state(txn)
         if st.in_flight:
             reason = "interrupted: the daemon stopped before the run finished"
@@ -179,11 +202,18 @@ class TrainingStage:
 
     async def _run(self) -> None:
         interval = self.config.learning.evaluate_interval_seconds
+        full_logged = False
         while True:
             try:
                 await self.evaluate_once()
+                full_logged = False
             except asyncio.CancelledError:
                 raise
+            except StoreFullError as exc:
+                # expected until space returns: one line per full spell
+                if not full_logged:
+                    log.warning("learning waits: the store is full", extra={"reason": str(exc)})
+                    full_logged = True
             except Exception:
                 log.exception("learning scheduler evaluation failed; will retry")
             await asyncio.sleep(interval)
@@ -270,8 +300,26 @@ class TrainingStage:
             self.scheduler.finish(
                 txn, uid, ok=ok, outcome="succeeded" if ok else f"failed: {reason}"
             )
+            txn.delete(_RUNNING_KEY, db=self._store.db("meta"))
 
         await self._writer.run(record)
+
+    async def _record_trainer(self, uid: str, pid: int) -> None:
+        ticks = process_start_ticks(pid)
+        if ticks is None:
+            return  # it is gone already
+        run = RunningTrainer(uid, pid, ticks)
+        try:
+            await self._writer.run(
+                lambda txn: txn.put(_RUNNING_KEY, run.encode(), db=self._store.db("meta"))
+            )
+        except StoreError as exc:
+            # The leash still ties the trainer to this process; only a
+            # restart's clean-up of a leftover is lost. Not worth the run.
+            log.warning(
+                "could not record the running trainer",
+                extra={"update_id": uid, "pid": pid, "reason": str(exc)},
+            )
 
     async def build_batch(self, decision: Decision) -> tuple[LearningBatch, ComposeContext]:
         cfg = self.config.scoring
@@ -330,6 +378,12 @@ class TrainingStage:
 
     async def _update(self, decision: Decision) -> UpdateOutcome:
         uid = decision.update_id
+        try:
+            require_name("update_id", uid)
+            inside(self.datasets_dir, uid)
+            inside(self.runs_dir, uid)
+        except InvalidNameError as exc:
+            raise TrainingFailed(f"not writing a dataset for update {uid!r}: {exc}") from exc
         batch, ctx = await self.build_batch(decision)
         quarantined = sum(s.quarantined for s in batch.samples) + sum(
             p.quarantined for p in batch.pairs
@@ -378,7 +432,12 @@ class TrainingStage:
             return UpdateOutcome(uid, True, "export only", snapshot)
         if snapshot.rows == 0:
             raise TrainingFailed("the dataset is empty (every new row was filtered out)")
+
         output_dir = self.runs_dir / uid
+
+        async def started(pid: int) -> None:
+            await self._record_trainer(uid, pid)
+
         job = TrainingJob(
             update_id=uid,
             dataset_dir=snapshot.path,
@@ -386,6 +445,7 @@ class TrainingStage:
             base_version=decision.base_version,
             manifest=snapshot.manifest,
             timeout_seconds=self.config.training.timeout_seconds,
+            on_started=started,
         )
         await self._writer.run(
             lambda txn: append_history(

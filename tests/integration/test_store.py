@@ -19,6 +19,7 @@ from sidecar.errors import DataDirLockedError, SchemaVersionError, StoreError, S
 from sidecar.store import (
     Retention,
     Store,
+    StoreHealth,
     StoreWriter,
     append_history,
     encode_u64,
@@ -532,3 +533,41 @@ async def test_async_ingest_failure_reaches_the_caller(small_disk: Path) -> None
                 )
         # the writer and the loop keep serving
         assert await writer.run(lambda txn: "ok") == "ok"
+
+
+async def test_numbering_continues_past_the_cursors_when_retention_emptied_the_log(
+    tmp_path: Path,
+) -> None:
+    config = cfg(tmp_path, sync=False)
+    async with running(config) as (store, writer):
+        assert writer.submit_events(items("a", 5)).result(10).last_seq == 5
+
+        def processed_then_trimmed(txn: lmdb.Transaction) -> None:
+            txn.put(b"cursor/scoring", encode_u64(6), db=store.db("meta"))
+            cur = txn.cursor(db=store.db("events"))
+            while cur.first():
+                cur.delete()
+
+        await writer.run(processed_then_trimmed)
+    async with running(config) as (store, writer):
+        # numbered from 1 again, these would sit behind the cursor and never be read
+        result = writer.submit_events(items("b", 2)).result(10)
+        assert (result.first_seq, result.last_seq) == (6, 7)
+        with store.read() as txn:
+            assert read_cursor(txn, store, "scoring") == 6
+
+
+async def test_store_health_lifecycle(tmp_path: Path) -> None:
+    changes: list[bool] = []
+
+    async def set_serving(serving: bool) -> None:
+        changes.append(serving)
+
+    config = cfg(tmp_path, sync=False)
+    async with running(config) as (store, writer):
+        health = StoreHealth(store, writer, config, set_serving)
+        await health.shutdown()  # before start: nothing to stop
+        await health.start()
+        await health.shutdown()
+        await health.shutdown()  # twice
+    assert changes == [] and health.status()["serving"] is True
