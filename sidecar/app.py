@@ -123,7 +123,9 @@ class SidecarApp:
             self.handlers,
             ingest=self.ingest,
             connected_servers=self.control.connected_servers,
+            limits=config.admin,
         )
+        self.handlers.status["admin"] = self.admin.request_status
         self.health = health.aio.HealthServicer()
         # Stages that read the event log register processors here before start.
         self.processors = ProcessorRunner(self.store, self.writer, [])
@@ -236,6 +238,7 @@ class SidecarApp:
             self.control,
             config.rollout,
             regression=_FirstNonEmpty(self.regression, RecentGoodAnswers(self.store)),
+            candidates=self.registry,
         )
         self.processors.add(self.rollouts.observer)
         self.stages.append(self.rollouts)

@@ -32,6 +32,7 @@ __all__ = [
     "ENV_PREFIX",
     "ActiveLearningConfig",
     "AdapterConfig",
+    "AdminConfig",
     "ControlConfig",
     "HoldoutConfig",
     "IngestConfig",
@@ -647,6 +648,20 @@ class ControlConfig(_Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
 
 
+class AdminConfig(_Section):
+    # Longest free text AdminService accepts; a longer one answers
+    # INVALID_ARGUMENT naming the field. Reasons (StartRollout, Promote,
+    # Abort, Rollback, TriggerLearning) are stored with every transition and
+    # history entry: longer lets an operator say more, and costs store and
+    # report size.
+    max_reason_bytes: int = Field(default=1024, ge=16)
+    # A candidate's artifact_uri, sent to every server in LoadModel.
+    max_artifact_uri_bytes: int = Field(default=4096, ge=64)
+    # Metrics per candidate, and the length of each metric's name.
+    max_metrics: int = Field(default=64, ge=0)
+    max_metric_name_bytes: int = Field(default=128, ge=8)
+
+
 class SidecarConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -661,6 +676,7 @@ class SidecarConfig(_Section):
     active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
