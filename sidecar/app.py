@@ -139,6 +139,7 @@ class SidecarApp:
             writer=self.writer,
             processors=self.processors,
             open_streams=lambda: self.ingest.open_streams,
+            pinned_versions=self.pinned_versions,
             **(telemetry_options or {}),
         )
         if self.telemetry.enabled:
@@ -219,6 +220,7 @@ class SidecarApp:
             registry=self.registry,
             scoring=self.scoring,
             holdout=self.holdout,
+            pinned_versions=self.pinned_versions,
         )
         self.stages.append(self.training)
         self.handlers.registry = self.registry
@@ -296,6 +298,25 @@ class SidecarApp:
             update_id=record.update_id,
         )
         return rollout.rollout_id
+
+    def pinned_versions(self) -> set[str]:
+        """Versions that keep their own metrics and status entry past
+        telemetry.max_versions: the stable one and those being rolled out."""
+        out: set[str] = set()
+        stable = self.registry.stable_version()
+        if stable:
+            out.add(stable)
+        active = self.rollouts.active()
+        if active is not None:
+            out.update((active.candidate, active.stable))
+        desired = self.control.desired()
+        if desired is not None:
+            out.add(desired.stable_version)
+            out.update(r.version for r in desired.routes)
+            if desired.shadow is not None:
+                out.add(desired.shadow.version)
+        out.discard("")
+        return out
 
     def learning_quality(self) -> dict[str, Any]:
         """The learning report's quality section, for the report and telemetry.

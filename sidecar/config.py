@@ -183,6 +183,11 @@ class TelemetryConfig(_Section):
     view_max_lag_events: int = Field(default=2_000_000, ge=10_000)
     # How often the dashboard polls /api/report and /api/rollout.
     dashboard_refresh_seconds: float = Field(default=5.0, ge=1.0)
+    # Model versions given their own metric series, status and report entry;
+    # the rest are folded into "other" (the stable version and those a
+    # rollout routes to always keep their own). More shows more versions
+    # apart; each costs a few series in /metrics and an entry in status.
+    max_versions: int = Field(default=64, ge=1, le=10_000)
 
 
 # -- learning: scoring, scheduler, training ----------------------------------
