@@ -35,6 +35,7 @@ from sidecar.learning import (
     ActiveLearningServicer,
     FeedbackAnswerProcessor,
     HashedNgramVectorizer,
+    HistoryRetention,
     HoldoutAtCuration,
     HoldoutSet,
     LearningScheduler,
@@ -223,6 +224,16 @@ class SidecarApp:
             pinned_versions=self.pinned_versions,
         )
         self.stages.append(self.training)
+        # the learning history, trimmed by age and count on the log's cadence
+        self.history_retention = HistoryRetention(
+            self.store,
+            self.writer,
+            lcfg,
+            interval_seconds=config.store.retention_interval_seconds,
+            batch=config.store.retention_batch,
+        )
+        self.stages.append(self.history_retention)
+        self.handlers.status["history"] = self.history_retention.status
         self.handlers.registry = self.registry
         self.handlers.learning = self.training
         self.handlers.status["learning"] = self.training.status

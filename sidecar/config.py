@@ -278,6 +278,14 @@ class LearningConfig(_Section):
     failure_backoff_seconds: float = Field(default=60.0, ge=0)
     # How often the scheduler evaluates its triggers.
     evaluate_interval_seconds: float = Field(default=1.0, gt=0)
+    # The learning history (triggers, datasets, training runs, candidates,
+    # rollout transitions) is trimmed like the event log: entries older than
+    # this (0: keep forever) or beyond the count (0: no bound) go, oldest
+    # first, at store.retention_interval_seconds. The report counts updates
+    # from what is kept: longer keeps more of the past in it, and every
+    # report reads all of it.
+    history_retention_seconds: float = Field(default=90 * 86400, ge=0)
+    history_max_entries: int = Field(default=20_000, ge=0)
 
 
 class TrainingConfig(_Section):

@@ -10,7 +10,7 @@ from sidecar.store._codec import (
     seq_key,
 )
 from sidecar.store._env import DB_NAMES, SCHEMA_VERSION, Store
-from sidecar.store._history import append_history, read_history
+from sidecar.store._history import append_history, read_history, trim_history
 from sidecar.store._mapped import MappedPages, PageRelease
 from sidecar.store._processor import (
     BatchingLogProcessor,
@@ -50,4 +50,5 @@ __all__ = [
     "read_history",
     "seq_key",
     "trim",
+    "trim_history",
 ]
