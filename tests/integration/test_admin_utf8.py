@@ -94,3 +94,18 @@ def test_the_daemon_logged_no_traceback(daemon: DaemonProcess) -> None:
     assert "Traceback" not in log
     assert "DecodeError" not in log
     assert "Unexpected" not in log
+
+
+def test_a_corrupt_streaming_request_answers_invalid_argument(daemon: DaemonProcess) -> None:
+    with grpc.insecure_channel(daemon.target) as channel:
+        call = channel.unary_stream(
+            "/atlas.sidecar.v1.AdminService/ExportSamples",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(b"\x08", timeout=10))  # a varint field cut short
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith(
+        "request is not a valid atlas.sidecar.v1.ExportSamplesRequest: "
+    )
