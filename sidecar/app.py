@@ -15,9 +15,7 @@ from typing import Any, Protocol
 import grpc
 from atlas_sidecar_client.pb import (
     active_learning_pb2,
-    active_learning_pb2_grpc,
     admin_pb2,
-    admin_pb2_grpc,
     control_pb2,
     control_pb2_grpc,
     ingest_pb2,
@@ -26,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._compiled import compiled_reason
-from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
+from sidecar.admin import AdminHandlers, AdminServicer, add_strict_servicer, status_to_dict
 from sidecar.config import SidecarConfig
 from sidecar.control import ControlChannel
 from sidecar.control.adapters import AdapterStage
@@ -37,6 +35,7 @@ from sidecar.learning import (
     ActiveLearningServicer,
     FeedbackAnswerProcessor,
     HashedNgramVectorizer,
+    HistoryRetention,
     HoldoutAtCuration,
     HoldoutSet,
     LearningScheduler,
@@ -140,7 +139,9 @@ class SidecarApp:
             self.handlers,
             ingest=self.ingest,
             connected_servers=self.control.connected_servers,
+            limits=config.admin,
         )
+        self.handlers.status["admin"] = self.admin.request_status
         self.health = health.aio.HealthServicer()
         # A full disk turns the ingest service NOT_SERVING until space returns.
         self.store_health = StoreHealth(
@@ -161,6 +162,7 @@ class SidecarApp:
             writer=self.writer,
             processors=self.processors,
             open_streams=lambda: self.ingest.open_streams,
+            pinned_versions=self.pinned_versions,
             **(telemetry_options or {}),
         )
         if self.telemetry.enabled:
@@ -241,8 +243,19 @@ class SidecarApp:
             registry=self.registry,
             scoring=self.scoring,
             holdout=self.holdout,
+            pinned_versions=self.pinned_versions,
         )
         self.stages.append(self.training)
+        # the learning history, trimmed by age and count on the log's cadence
+        self.history_retention = HistoryRetention(
+            self.store,
+            self.writer,
+            lcfg,
+            interval_seconds=config.store.retention_interval_seconds,
+            batch=config.store.retention_batch,
+        )
+        self.stages.append(self.history_retention)
+        self.handlers.status["history"] = self.history_retention.status
         self.handlers.registry = self.registry
         self.handlers.learning = self.training
         self.handlers.status["learning"] = self.training.status
@@ -258,6 +271,7 @@ class SidecarApp:
             self.control,
             config.rollout,
             regression=_FirstNonEmpty(self.regression, RecentGoodAnswers(self.store)),
+            candidates=self.registry,
         )
         self.processors.add(self.rollouts.observer)
         self.stages.append(self.rollouts)
@@ -317,6 +331,25 @@ class SidecarApp:
             update_id=record.update_id,
         )
         return rollout.rollout_id
+
+    def pinned_versions(self) -> set[str]:
+        """Versions that keep their own metrics and status entry past
+        telemetry.max_versions: the stable one and those being rolled out."""
+        out: set[str] = set()
+        stable = self.registry.stable_version()
+        if stable:
+            out.add(stable)
+        active = self.rollouts.active()
+        if active is not None:
+            out.update((active.candidate, active.stable))
+        desired = self.control.desired()
+        if desired is not None:
+            out.add(desired.stable_version)
+            out.update(r.version for r in desired.routes)
+            if desired.shadow is not None:
+                out.add(desired.shadow.version)
+        out.discard("")
+        return out
 
     def learning_quality(self) -> dict[str, Any]:
         """The learning report's quality section, for the report and telemetry.
@@ -394,9 +427,15 @@ class SidecarApp:
             log.warning(
                 "ingest runs its pure-Python path (slower)", extra={"reason": compiled_reason()}
             )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
-        active_learning_pb2_grpc.add_ActiveLearningServiceServicer_to_server(
-            self.active_servicer, server
+        # Admin and active learning parse their own requests, so that one
+        # that does not parse (invalid UTF-8) answers INVALID_ARGUMENT.
+        add_strict_servicer(
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"], self.admin, server
+        )
+        add_strict_servicer(
+            active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"],
+            self.active_servicer,
+            server,
         )
         control_pb2_grpc.add_ControlServiceServicer_to_server(self.control.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -32,6 +32,7 @@ __all__ = [
     "ENV_PREFIX",
     "ActiveLearningConfig",
     "AdapterConfig",
+    "AdminConfig",
     "ControlConfig",
     "HoldoutConfig",
     "IngestConfig",
@@ -189,6 +190,11 @@ class TelemetryConfig(_Section):
     view_max_lag_events: int = Field(default=2_000_000, ge=10_000)
     # How often the dashboard polls /api/report and /api/rollout.
     dashboard_refresh_seconds: float = Field(default=5.0, ge=1.0)
+    # Model versions given their own metric series, status and report entry;
+    # the rest are folded into "other" (the stable version and those a
+    # rollout routes to always keep their own). More shows more versions
+    # apart; each costs a few series in /metrics and an entry in status.
+    max_versions: int = Field(default=64, ge=1, le=10_000)
 
 
 # -- learning: scoring, scheduler, training ----------------------------------
@@ -279,6 +285,14 @@ class LearningConfig(_Section):
     failure_backoff_seconds: float = Field(default=60.0, ge=0)
     # How often the scheduler evaluates its triggers.
     evaluate_interval_seconds: float = Field(default=1.0, gt=0)
+    # The learning history (triggers, datasets, training runs, candidates,
+    # rollout transitions) is trimmed like the event log: entries older than
+    # this (0: keep forever) or beyond the count (0: no bound) go, oldest
+    # first, at store.retention_interval_seconds. The report counts updates
+    # from what is kept: longer keeps more of the past in it, and every
+    # report reads all of it.
+    history_retention_seconds: float = Field(default=90 * 86400, ge=0)
+    history_max_entries: int = Field(default=20_000, ge=0)
 
 
 class TrainingConfig(_Section):
@@ -658,6 +672,20 @@ class ControlConfig(_Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
 
 
+class AdminConfig(_Section):
+    # Longest free text AdminService accepts; a longer one answers
+    # INVALID_ARGUMENT naming the field. Reasons (StartRollout, Promote,
+    # Abort, Rollback, TriggerLearning) are stored with every transition and
+    # history entry: longer lets an operator say more, and costs store and
+    # report size.
+    max_reason_bytes: int = Field(default=1024, ge=16)
+    # A candidate's artifact_uri, sent to every server in LoadModel.
+    max_artifact_uri_bytes: int = Field(default=4096, ge=64)
+    # Metrics per candidate, and the length of each metric's name.
+    max_metrics: int = Field(default=64, ge=0)
+    max_metric_name_bytes: int = Field(default=128, ge=8)
+
+
 class SidecarConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -672,6 +700,7 @@ class SidecarConfig(_Section):
     active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

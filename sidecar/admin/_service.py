@@ -18,6 +18,8 @@ import grpc
 from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
 
 from sidecar import __version__
+from sidecar.admin._limits import request_problem
+from sidecar.config import AdminConfig
 from sidecar.errors import SidecarError
 from sidecar.store import SCHEMA_VERSION, Store, StoreWriter
 
@@ -87,7 +89,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         handlers: AdminHandlers,
         ingest: _Counters | None = None,
         connected_servers: Callable[[], int] | None = None,
+        limits: AdminConfig | None = None,
     ) -> None:
+        self._limits = limits or AdminConfig()
+        #: Requests refused for a bad name or an over-long text field.
+        self.invalid_requests = 0
         self._store = store
         self._writer = writer
         self._h = handlers
@@ -146,6 +152,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             f"{rpc} is not available: {what} is not part of this build",
         )
 
+    async def _check(self, context: grpc.aio.ServicerContext, rpc: str, request: Any) -> None:
+        """Answers INVALID_ARGUMENT naming the field when a name or text field is bad."""
+        problem = request_problem(rpc, request, self._limits)
+        if problem is not None:
+            self.invalid_requests += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    def request_status(self) -> dict[str, int]:
+        """The admin API's part of the status."""
+        return {"invalid_requests": self.invalid_requests}
+
     @staticmethod
     async def _fail(context: grpc.aio.ServicerContext, exc: SidecarError) -> None:
         code = getattr(exc, "grpc_code", grpc.StatusCode.FAILED_PRECONDITION)
@@ -159,6 +176,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 context, "RegisterCandidate", "the candidate registry (training stage)"
             )
             raise AssertionError("unreachable")
+        await self._check(context, "RegisterCandidate", request)
         try:
             return await self._h.registry.register(request)
         except SidecarError as exc:
@@ -171,6 +189,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if self._h.rollouts is None:
             await self._missing(context, rpc, "the rollout engine")
             raise AssertionError("unreachable")
+        await self._check(context, rpc, request)
         try:
             return await getattr(self._h.rollouts, call)(request)
         except SidecarError as exc:
@@ -217,6 +236,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if self._h.learning is None:
             await self._missing(context, "TriggerLearning", "the learning scheduler")
             raise AssertionError("unreachable")
+        await self._check(context, "TriggerLearning", request)
         try:
             return await self._h.learning.trigger(request)
         except SidecarError as exc:

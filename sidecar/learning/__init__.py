@@ -19,6 +19,7 @@ from sidecar.learning._compose import (
     replay_count,
 )
 from sidecar.learning._curation import HoldoutAtCuration, curation_options, sample_task
+from sidecar.learning._history import HistoryRetention
 from sidecar.learning._holdout import HeldOutSample, HoldoutSet, RegressionPrompt, RegressionSuite
 from sidecar.learning._memory import (
     ConsolidationResult,
@@ -54,6 +55,7 @@ __all__ = [
     "FeedbackDecision",
     "HashedNgramVectorizer",
     "HeldOutSample",
+    "HistoryRetention",
     "HoldoutAtCuration",
     "HoldoutSet",
     "LearningScheduler",

@@ -29,6 +29,7 @@ from atlas_sidecar_client import uuid7
 from sidecar._aio import cancel_and_wait
 from sidecar.config import CanaryConfig, RolloutConfig
 from sidecar.control import ControlPlane, DesiredState, RouteSpec, ShadowSpec
+from sidecar.names import check_name
 from sidecar.rollout._analysis import CanaryJudge, SequentialJudge, TrafficBatch
 from sidecar.rollout._compare import Comparator, comparator_by_name
 from sidecar.rollout._errors import RolloutConflictError, RolloutInputError, RolloutNotFoundError
@@ -65,6 +66,21 @@ StableHook = Callable[[str], Awaitable[None] | None]
 
 class Clock(Protocol):
     def now_ms(self) -> int: ...
+
+
+class Candidate(Protocol):
+    """What a rollout needs of a registered candidate."""
+
+    @property
+    def artifact_uri(self) -> str: ...
+    @property
+    def update_id(self) -> str: ...
+
+
+class CandidateSource(Protocol):
+    """The model registry, as the engine reads it: a registered version or None."""
+
+    def get(self, version: str) -> Candidate | None: ...
 
 
 class SystemClock:
@@ -106,8 +122,13 @@ class RolloutEngine:
         judge_factory: JudgeFactory | None = None,
         comparator: Comparator | None = None,
         autorun: bool = True,
+        candidates: CandidateSource | None = None,
     ) -> None:
         self._store = store
+        #: The model registry: a rollout of a version it does not hold is
+        #: refused, and the rollout loads the artifact it registered. None
+        #: (engine-only tests) accepts any version, with no artifact.
+        self._candidates = candidates
         self._writer = writer
         self._control = control
         self._cfg = config
@@ -239,8 +260,9 @@ class RolloutEngine:
         artifact_uri: str | None = None,
         update_id: str = "",
     ) -> RolloutRecord:
-        if not candidate:
-            raise RolloutInputError("candidate_version is required")
+        reason_bad = check_name("candidate_version", candidate)
+        if reason_bad is not None:
+            raise RolloutInputError(reason_bad)
         strategy = strategy or self._cfg.strategy
         if strategy not in ("canary", "blue_green"):
             raise RolloutInputError(f"strategy: unknown strategy {strategy!r}")
@@ -922,22 +944,17 @@ class RolloutEngine:
             self._judge = self._judge_factory(self._cfg.canary, None)
 
     def _lookup_candidate(self, version: str) -> tuple[str, str]:
-        """(artifact_uri, update_id) from the model registry, when it has the version."""
-        with self._store.read() as txn:
-            raw = txn.get(version.encode(), db=self._store.db("models"))
-        if not raw:
-            return "", ""
-        try:
-            doc = json.loads(bytes(raw))
-        except ValueError:
-            from atlas_sidecar_client.pb import admin_pb2
+        """(artifact_uri, update_id) of a registered candidate.
 
-            mv = admin_pb2.ModelVersion()
-            try:
-                mv.ParseFromString(bytes(raw))
-            except Exception:
-                return "", ""
-            return mv.artifact_uri, mv.update_id
-        if not isinstance(doc, dict):
+        Raises:
+            RolloutNotFoundError: the registry does not hold ``version``.
+        """
+        if self._candidates is None:
             return "", ""
-        return str(doc.get("artifact_uri", "")), str(doc.get("update_id", ""))
+        found = self._candidates.get(version)
+        if found is None:
+            raise RolloutNotFoundError(
+                f"candidate_version {version!r} is not registered; "
+                "register it (RegisterCandidate) before starting its rollout"
+            )
+        return found.artifact_uri, found.update_id

@@ -12,7 +12,7 @@ from sidecar.store._codec import (
 )
 from sidecar.store._env import CORRUPTION_ERRORS, DB_NAMES, SCHEMA_VERSION, FatalHandler, Store
 from sidecar.store._health import StoreHealth
-from sidecar.store._history import append_history, read_history
+from sidecar.store._history import append_history, read_history, trim_history
 from sidecar.store._mapped import MappedPages, PageRelease
 from sidecar.store._meta import MARKER_FILE, LmdbMeta, read_meta
 from sidecar.store._processor import (
@@ -61,4 +61,5 @@ __all__ = [
     "read_meta",
     "seq_key",
     "trim",
+    "trim_history",
 ]

@@ -3,7 +3,9 @@
 Trigger decisions, dataset snapshots, training runs, candidate
 registrations, rollout transitions and rollbacks are appended here as JSON
 documents. The learning report and the dashboard read it. Keys are u64
-sequence numbers in append order.
+sequence numbers in append order. :func:`trim_history` drops the oldest
+entries by age and count (``learning.history_*``); the newest entry is always
+kept, so sequence numbers never restart.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import lmdb
 from sidecar.store._codec import decode_u64, encode_u64
 from sidecar.store._env import Store
 
-__all__ = ["append_history", "read_history"]
+__all__ = ["append_history", "read_history", "trim_history"]
 
 
 def append_history(txn: lmdb.Transaction, store: Store, kind: str, **data: Any) -> int:
@@ -67,3 +69,41 @@ def read_history(
                 if limit is not None and n >= limit:
                     break
             ok = step()
+
+
+def trim_history(
+    txn: lmdb.Transaction,
+    store: Store,
+    *,
+    now_ms: int,
+    max_age_seconds: float,
+    max_entries: int,
+    budget: int,
+) -> tuple[int, bool]:
+    """Deletes at most ``budget`` of the oldest entries that are older than
+    ``max_age_seconds`` or beyond ``max_entries`` (0: no limit, for either).
+
+    Returns (deleted, more): ``more`` when the budget ran out first. Writer
+    thread only.
+    """
+    db = store.db("history")
+    total = int(txn.stat(db)["entries"])
+    excess = max(0, total - max_entries) if max_entries else 0
+    cutoff = now_ms - int(max_age_seconds * 1000) if max_age_seconds else None
+    deleted = 0
+    more = False
+    with txn.cursor(db=db) as cur:
+        ok = cur.first()
+        while ok and total - deleted > 1:
+            if deleted >= excess:
+                if cutoff is None:
+                    break
+                doc = json.loads(bytes(cur.value()))
+                if int(doc.get("time_ms") or 0) >= cutoff:
+                    break
+            if deleted >= budget:
+                more = True
+                break
+            deleted += 1
+            ok = cur.delete()
+    return deleted, more

@@ -40,6 +40,7 @@ from sidecar.errors import ConfigError
 from sidecar.ingest import BatchInfo
 from sidecar.store import IngestResult, ProcessorRunner, Store, StoreWriter, read_history
 from sidecar.telemetry import instruments as ins
+from sidecar.telemetry._cardinality import VersionLabels
 from sidecar.telemetry._traffic import TrafficView, forget_cursor
 
 __all__ = ["EXCLUDED_SERVICES", "TERMINAL_STATES", "Telemetry"]
@@ -94,6 +95,7 @@ class Telemetry:
         span_exporter: SpanExporter | None = None,
         metric_readers: Sequence[MetricReader] = (),
         environ: Mapping[str, str] | None = None,
+        pinned_versions: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         env = dict(os.environ if environ is None else environ)
         self.config = config
@@ -124,7 +126,13 @@ class Telemetry:
                 if _endpoint(env, signal):
                     _check_protocol(env, signal)
         self.registry = CollectorRegistry()
-        self.traffic = TrafficView(store, writer, config) if self.enabled else None
+        self.traffic = (
+            TrafficView(
+                store, writer, config, labels=VersionLabels(config.max_versions, pinned_versions)
+            )
+            if self.enabled
+            else None
+        )
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
         self.instruments: ins.Instruments | None = None

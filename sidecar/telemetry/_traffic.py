@@ -43,6 +43,7 @@ from sidecar.store import (
     read_cursor,
 )
 from sidecar.telemetry import instruments as ins
+from sidecar.telemetry._cardinality import VersionLabels
 
 __all__ = ["FEEDBACK_KEY", "PERF_PREFIX", "TrafficView", "read_feedback", "read_perf"]
 
@@ -108,7 +109,11 @@ class TrafficView:
         batch_events: int = 5000,
         min_interval_s: float = 0.25,
         table: WeightTable | None = None,
+        labels: VersionLabels | None = None,
     ) -> None:
+        #: Versions past telemetry.max_versions are counted as ``other`` in
+        #: the metrics and the stored buckets (see _cardinality).
+        self.labels = labels or VersionLabels(config.max_versions)
         self._share = config.view_cpu_share
         self._last_commit = 0.0
         self._budget = _BURST_S
@@ -211,6 +216,7 @@ class TrafficView:
             "view_lag_events": max(0, self._writer.next_seq - cursor),
             "view_processed": self.processed,
             "view_skipped": self.skipped,
+            "versions_labelled": self.labels.labelled,
         }
 
     async def wait_idle(self, within_s: float = 30.0) -> None:
@@ -234,6 +240,9 @@ class TrafficView:
         order = self._version_order
         parse = events_pb2.Event.FromString
         rewards = self._rewards
+        labels = self.labels
+        labels.refresh()
+        label = labels.label
         with store.read() as txn:
             start = read_cursor(txn, store, NAME)
             behind = self._writer.next_seq - start
@@ -253,7 +262,7 @@ class TrafficView:
                     kind = ev.WhichOneof("payload")
                     if kind == "inference":
                         inf = ev.inference
-                        version = inf.model_version
+                        version = label(inf.model_version)
                         role_n = inf.role or _PRIMARY
                         agg = b.traffic[(version, _ROLE.get(role_n, "PRIMARY"))]
                         agg.requests += 1

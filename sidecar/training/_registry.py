@@ -24,6 +24,7 @@ import lmdb
 from atlas_sidecar_client.pb import admin_pb2
 
 from sidecar.errors import SidecarError
+from sidecar.names import check_name
 from sidecar.store import Store, StoreWriter, append_history, decode_u64, encode_u64
 
 __all__ = [
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 STABLE_KEY = b"models/stable"
 _VERSION_PREFIX = b"v/"
 _ORDER_PREFIX = b"n/"
-_MAX_VERSION_BYTES = 256
 STATES = ("candidate", "stable", "retired", "rolled_back", "failed")
 
 
@@ -100,19 +100,32 @@ OnRegistered = Callable[[ModelRecord], Awaitable[str | None]]
 
 
 def validate_candidate(
-    version: str, artifact_uri: str, metrics: Mapping[str, Any]
+    version: str,
+    artifact_uri: str,
+    metrics: Mapping[str, Any],
+    *,
+    base_version: str = "",
+    update_id: str = "",
 ) -> dict[str, float]:
     """Checks a candidate's fields; returns the metrics as floats.
+
+    ``version``, and ``base_version`` and ``update_id`` when given, follow the
+    one rule for client-chosen names (:mod:`sidecar.names`).
 
     Raises:
         InvalidCandidateError: naming the bad field.
     """
-    if not isinstance(version, str) or not version.strip():
+    if not isinstance(version, str):
         raise InvalidCandidateError("version: required, a non-empty string")
-    if len(version.encode()) > _MAX_VERSION_BYTES:
-        raise InvalidCandidateError(f"version: longer than {_MAX_VERSION_BYTES} bytes")
-    if any(c.isspace() or not c.isprintable() for c in version):
-        raise InvalidCandidateError(f"version: {version!r} has whitespace or control characters")
+    for name, value, required in (
+        ("version", version, True),
+        ("base_version", base_version, False),
+        ("update_id", update_id, False),
+    ):
+        if required or value:
+            bad = check_name(name, value)
+            if bad is not None:
+                raise InvalidCandidateError(bad)
     if not isinstance(artifact_uri, str):
         raise InvalidCandidateError("artifact_uri: must be a string")
     if not isinstance(metrics, Mapping):
@@ -286,7 +299,9 @@ class ModelRegistry:
 
         Returns the record and the id of a rollout a callback started, if any.
         """
-        clean = validate_candidate(version, artifact_uri, metrics)
+        clean = validate_candidate(
+            version, artifact_uri, metrics, base_version=base_version, update_id=update_id
+        )
         record = ModelRecord(
             version=version,
             artifact_uri=artifact_uri,

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from sidecar.scoring import (
 from sidecar.scoring._weights import current_weight_version
 from sidecar.store import Store, StoreWriter, append_history, encode_u64, read_history
 from sidecar.telemetry import instruments as ins
+from sidecar.telemetry._cardinality import fold_versions
 from sidecar.training._composer import (
     BatchComposer,
     ComposeContext,
@@ -133,10 +134,13 @@ class TrainingStage:
         hook: TrainerHook | None = None,
         composer: BatchComposer | None = None,
         holdout: HoldoutSet | None = None,
+        pinned_versions: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self._store = store
         self._writer = writer
         self.config = config
+        # versions that keep their own status entry past telemetry.max_versions
+        self._pinned_versions = pinned_versions
         self.scheduler = scheduler
         self.registry = registry
         self.scoring = scoring
@@ -624,7 +628,11 @@ class TrainingStage:
                 for d in decisions
             ],
             "last_update": updates[0] if updates else None,
-            "versions": {v: p.as_dict() for v, p in sorted(perf.items())},
+            "versions": fold_versions(
+                {v: p.as_dict() for v, p in sorted(perf.items())},
+                self.config.telemetry.max_versions,
+                {stable or "", *(self._pinned_versions() if self._pinned_versions else ())},
+            ),
             "candidates": [
                 {"version": r.version, "update_id": r.update_id, "state": r.state}
                 for r in self.registry.list(limit=5)

@@ -121,6 +121,14 @@ class Admin:
         return next(r for r in self.rollouts() if r.rollout_id == rollout_id)
 
     def start(self, candidate: str) -> admin_pb2.Rollout:
+        """Registers ``candidate`` (a rollout needs a registered version), then starts it."""
+        try:
+            self._stub.RegisterCandidate(
+                admin_pb2.RegisterCandidateRequest(version=candidate), timeout=10
+            )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
         req = admin_pb2.StartRolloutRequest(candidate_version=candidate, reason="e2e")
         return self._stub.StartRollout(req, timeout=10)
 

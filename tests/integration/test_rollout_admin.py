@@ -54,6 +54,8 @@ async def test_rollout_admin_start_list_abort_over_grpc_and_cli(app: SidecarApp)
             await stub.StartRollout(admin_pb2.StartRolloutRequest())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "candidate_version" in (err.value.details() or "")
+        for version in ("v2", "v3"):
+            await stub.RegisterCandidate(admin_pb2.RegisterCandidateRequest(version=version))
         started = await stub.StartRollout(admin_pb2.StartRolloutRequest(candidate_version="v2"))
         assert started.state == admin_pb2.ROLLOUT_STATE_CANARY
         assert started.candidate_weight_bps == 100
