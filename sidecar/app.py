@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._compiled import compiled_reason
+from sidecar._private import restrict_socket, unix_socket_path
 from sidecar.admin import AdminHandlers, AdminServicer, add_strict_servicer, status_to_dict
 from sidecar.config import SidecarConfig
 from sidecar.control import ControlChannel
@@ -455,6 +456,8 @@ class SidecarApp:
                 raise PortInUseError(f"cannot listen on {addr} (server.listen): {exc}") from exc
             if port == 0 and not addr.startswith("unix:"):
                 raise PortInUseError(f"cannot listen on {addr} (server.listen): address in use")
+            if addr.startswith("unix:"):
+                restrict_socket(unix_socket_path(addr), cfg.unix_socket_group)
             self.ports[addr] = port
         await server.start()
         for name in ("", *_SERVICE_NAMES):

@@ -72,6 +72,10 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     # gRPC listen addresses: host:port for TCP, unix:/path for a socket.
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051"])
+    # Group that may connect to a unix: listen socket (mode 0660). Empty: the
+    # daemon's own group. Name the inference server's group to let it in
+    # without letting in every user of the host or pod.
+    unix_socket_group: str = ""
     # HTTP address for /metrics, /api and /dashboard; empty disables it.
     http_listen: str = "127.0.0.1:9464"
     # Largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,12 +16,15 @@ from typing import Any
 
 import lmdb
 
+from sidecar._private import PRIVATE_FILE_MODE, make_private_dir
 from sidecar.config import StoreConfig
 from sidecar.errors import DataDirLockedError, SchemaVersionError, StoreCorruptError, StoreError
 from sidecar.store._codec import decode_u64, encode_u64
 from sidecar.store._meta import check_files, write_marker
 
 __all__ = ["CORRUPTION_ERRORS", "DB_NAMES", "SCHEMA_VERSION", "Store"]
+
+log = logging.getLogger(__name__)
 
 #: Bumped when a stored layout changes incompatibly. A data dir with a newer
 #: version is refused; an older one would be migrated here.
@@ -156,7 +161,9 @@ class Store:
         if self._env is not None:
             return
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._warn_if_shared()
+            make_private_dir(self.data_dir)
+            make_private_dir(self.data_dir / "lmdb")
         except OSError as exc:
             raise StoreError(f"cannot create data dir {self.data_dir}: {exc.strerror}") from exc
         self.lock_data_dir()
@@ -176,7 +183,9 @@ class Store:
                 writemap=False,
                 readahead=False,
                 subdir=True,
+                mode=PRIVATE_FILE_MODE,
             )
+            self._make_files_private()
             self._env.reader_check()
             with self._env.begin(write=True) as txn:
                 for name in DB_NAMES:
@@ -211,6 +220,34 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _warn_if_shared(self) -> None:
+        """Warns, naming the mode, when an existing data dir lets others in.
+
+        The mode is not changed: an operator may have opened it on purpose
+        (a backup user's group), and the files inside are 0600 anyway.
+        """
+        try:
+            mode = stat.S_IMODE(self.data_dir.stat().st_mode)
+        except FileNotFoundError:
+            return
+        if mode & 0o077:
+            log.warning(
+                "data dir %s has mode %04o: users other than its owner can list it "
+                "(it holds prompts and responses); chmod 700 it",
+                self.data_dir,
+                mode,
+                extra={"data_dir": str(self.data_dir), "mode": f"{mode:04o}"},
+            )
+
+    def _make_files_private(self) -> None:
+        # LMDB creates its files with the given mode, but files made by an
+        # older version (or restored from a backup) keep theirs: tighten them.
+        for name in ("data.mdb", "lock.mdb"):
+            path = self.data_dir / "lmdb" / name
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_IMODE(path.stat().st_mode) != PRIVATE_FILE_MODE:
+                    os.chmod(path, PRIVATE_FILE_MODE)
+
     def lock_data_dir(self) -> None:
         """Takes the data dir's lock (released by :meth:`close`).
 
@@ -218,7 +255,8 @@ class Store:
             DataDirLockedError: another process holds it.
         """
         path = self.data_dir / "LOCK"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        os.fchmod(fd, PRIVATE_FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar._private import open_private
 from sidecar.errors import StoreCorruptError
 
 __all__ = ["MARKER_FILE", "LmdbMeta", "check_files", "read_meta", "write_marker"]
@@ -152,7 +153,7 @@ def write_marker(data_dir: Path, schema_version: int) -> None:
         "schema_version": schema_version,
         "created_ms": time.time_ns() // 1_000_000,
     }
-    with open(tmp, "w") as f:
+    with open_private(tmp, "w") as f:
         f.write(json.dumps(doc) + "\n")
         f.flush()
         os.fsync(f.fileno())

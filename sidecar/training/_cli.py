@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from sidecar._private import open_private
 from sidecar.errors import ConfigError, SidecarError
 
 __all__ = [
@@ -80,7 +81,7 @@ def _open_out(path: str) -> Iterator[IO[str]]:
     if path == "-":
         yield sys.stdout
         return
-    with open(path, "w", encoding="utf-8") as f:
+    with open_private(path, "w", encoding="utf-8") as f:
         yield f
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar._private import make_private_dir, open_private
 from sidecar.names import inside, require_name
 from sidecar.scoring import dpo_row, encode_row, kto_row, sft_row
 from sidecar.training._composer import LearningBatch
@@ -40,7 +41,7 @@ class Snapshot:
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> tuple[str, int]:
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
+    with open_private(path, "wb") as f:
         for row in rows:
             line = (encode_row(row) + "\n").encode()
             digest.update(line)
@@ -78,7 +79,8 @@ def write_snapshot(
     tmp = root / f".tmp-{update_id}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    make_private_dir(root)
+    make_private_dir(tmp)
     rows: dict[str, list[dict[str, Any]]] = {"sft": [], "dpo": [], "kto": []}
     for s in batch.samples:
         if s.qualifies:
@@ -108,7 +110,8 @@ def write_snapshot(
         },
         **(extra or {}),
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with open_private(tmp / MANIFEST, "w", encoding="utf-8") as mf:
+        mf.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
+from sidecar._private import make_private_dir, open_private
 from sidecar.config import TrainingConfig
 from sidecar.errors import SidecarError
 from sidecar.names import check_name
@@ -158,12 +159,12 @@ class CommandHook:
         env = {**os.environ, **(self._env or {}), "ATLAS_UPDATE_ID": job.update_id}
         if shutil.which(argv[0], path=env.get("PATH")) is None:
             raise TrainingFailed(f"cannot start trainer {argv[0]!r}: not found or not executable")
-        job.output_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(job.output_dir)
         # The leash is forked from the event loop's thread, which lives as
         # long as the daemon: PR_SET_PDEATHSIG fires when the forking thread
         # ends, not only the process.
         leashed = [sys.executable, "-I", "-S", str(LEASH), str(os.getpid()), "--", *argv]
-        with open(job.output_dir / LOG_FILE, "ab") as logf:  # noqa: ASYNC230 - opening is instant
+        with open_private(job.output_dir / LOG_FILE, "ab") as logf:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *leashed,

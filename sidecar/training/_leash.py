@@ -52,6 +52,9 @@ def main(argv: list[str]) -> int:
         print("trainer leash: no PR_SET_PDEATHSIG on this system", file=sys.stderr)
     if os.getppid() != daemon_pid:
         return 125  # the daemon died before the signal was armed
+    # What the trainer writes (checkpoints, adapters, its own files) is as
+    # private as the dataset it reads: user text, for the daemon's user only.
+    os.umask(0o077)
     try:
         pid = os.posix_spawnp(cmd[0], cmd, os.environ)
     except OSError as exc:
