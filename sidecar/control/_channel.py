@@ -33,7 +33,7 @@ import lmdb
 from atlas_sidecar_client import uuid7
 from atlas_sidecar_client.pb import control_pb2, control_pb2_grpc
 
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import ControlConfig
 from sidecar.control._plane import DesiredState
 from sidecar.control._state import (
@@ -210,7 +210,7 @@ class ControlChannel:
                     owner.pending.pop(self._probe_directive_id(p.probe_id), None)
                 p.state, p.server_id = "queued", ""
         self._started = True
-        self._retry_task = asyncio.create_task(self._retry_loop(), name="control-retry")
+        self._retry_task = spawn(self._retry_loop(), stage="control", name="retry")
 
     def drain(self) -> None:
         """Ends every open stream (before the gRPC server stops); servers reconnect later."""
@@ -406,7 +406,9 @@ class ControlChannel:
             for t in touched.values():
                 self._send_ready(t)
         self._notify()
-        reader = asyncio.create_task(self._read_loop(session, context))
+        reader = spawn(
+            self._read_loop(session, context), stage="control", name=f"read-{hello.server_id}"
+        )
         try:
             while True:
                 item = await session.queue.get()
