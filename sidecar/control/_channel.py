@@ -819,8 +819,10 @@ class ControlChannel:
             key=lambda r: (r.last_seen_ms, r.server_id),
         )
         expiry_ms = int(self._config.replica_expiry_seconds * 1000)
+        # Oldest first, so those past the age are a prefix of ``idle``.
         gone = [r for r in idle if expiry_ms and now_ms - r.last_seen_ms > expiry_ms]
-        room = self._config.max_replicas - (arriving is not None and arriving not in self._replicas)
+        needs_record = arriving is not None and arriving not in self._replicas
+        room = self._config.max_replicas - (1 if needs_record else 0)
         excess = len(self._replicas) - len(gone) - room
         if excess > 0:
             gone.extend(idle[len(gone) : len(gone) + excess])
