@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._compiled import compiled_reason
+from sidecar._grpc_errors import UndecodableRequestInterceptor
 from sidecar._private import restrict_socket, unix_socket_path
 from sidecar.admin import AdminHandlers, AdminServicer, add_strict_servicer, status_to_dict
 from sidecar.config import SidecarConfig
@@ -415,8 +416,11 @@ class SidecarApp:
 
     async def _start_grpc(self) -> None:
         cfg = self.config.server
+        # First, so that its deserializer is the one grpc calls: a request
+        # that cannot be decoded answers INVALID_ARGUMENT naming the field.
+        self.decode_errors = UndecodableRequestInterceptor()
         server = grpc.aio.server(
-            interceptors=self.telemetry.grpc_interceptors(),
+            interceptors=[self.decode_errors, *self.telemetry.grpc_interceptors()],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),

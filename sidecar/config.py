@@ -673,6 +673,22 @@ class ControlConfig(_Section):
     # that keeps failing.
     retry_initial_seconds: float = Field(default=1.0, gt=0)
     retry_max_seconds: float = Field(default=60.0, gt=0)
+    # Replica records (one per server_id that said Hello) kept in the store
+    # and in status. When a new server_id connects at the cap, the record
+    # seen longest ago among the disconnected ones is forgotten; when every
+    # record is connected, the Hello is refused (RESOURCE_EXHAUSTED). More
+    # keeps the history of short-lived pods longer; fewer bounds memory and
+    # /api/status against clients inventing server ids.
+    max_replicas: int = Field(default=64, ge=1)
+    # Seconds after which a disconnected replica's record is forgotten (0:
+    # only the max_replicas cap forgets). A forgotten replica that comes back
+    # is reconciled from its Hello like a new one; only its counters are lost.
+    replica_expiry_seconds: float = Field(default=7 * 24 * 3600.0, ge=0)
+    # Loaded versions one Hello may report; a Hello with more is refused
+    # (INVALID_ARGUMENT). Raise it for servers that keep many adapters
+    # loaded; each version costs up to 128 bytes per replica in memory,
+    # store and status.
+    max_loaded_versions: int = Field(default=64, ge=1)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
 
 

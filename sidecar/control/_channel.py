@@ -32,8 +32,9 @@ import grpc
 import lmdb
 from atlas_sidecar_client import uuid7
 from atlas_sidecar_client.pb import control_pb2, control_pb2_grpc
+from google.protobuf.message import DecodeError
 
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import ControlConfig
 from sidecar.control._plane import DesiredState
 from sidecar.control._state import (
@@ -47,6 +48,7 @@ from sidecar.control._state import (
     desired_to_json,
     split_versions,
 )
+from sidecar.names import check_name
 from sidecar.store import Store, StoreWriter
 from sidecar.telemetry import instruments as ins
 
@@ -57,9 +59,17 @@ log = logging.getLogger(__name__)
 CAP_LOAD = "load_model"
 CAP_UNLOAD = "unload_model"
 CAP_PROBE = "run_probe"
+#: The capabilities the channel acts on; others a Hello lists are not kept
+#: (a newer server's extras mean nothing here, and would grow the record).
+_KNOWN_CAPABILITIES = frozenset({CAP_LOAD, CAP_UNLOAD, CAP_PROBE})
 
-_MAX_ID_BYTES = 256
+#: A server's error text kept per directive and replica (status, store).
+_MAX_ERROR_CHARS = 1024
 _BUCKETS = 10_000
+#: Revisions travel as uint64 (SetTrafficSplit.revision).
+_MAX_REVISION = 2**64 - 1
+#: How often disconnected replicas are checked for control.replica_expiry_seconds.
+_EXPIRY_SWEEP_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +106,8 @@ class _Session:
         self.server_id = server_id
         self.queue: asyncio.Queue[control_pb2.Directive | None] = asyncio.Queue()
         self.closed = False
+        #: Why the server's stream is ended with INVALID_ARGUMENT ("" = it is not).
+        self.problem = ""
 
     def close(self) -> None:
         if not self.closed:
@@ -105,8 +117,8 @@ class _Session:
 
 def validate_desired(d: DesiredState) -> None:
     """Raises ValueError naming the first bad field of ``d``."""
-    if d.revision < 1:
-        raise ValueError(f"desired.revision must be >= 1, got {d.revision}")
+    if not 1 <= d.revision <= _MAX_REVISION:
+        raise ValueError(f"desired.revision must be in 1..2^64-1, got {d.revision}")
     if not d.stable_version:
         raise ValueError("desired.stable_version: required")
     if d.stable_version not in d.loaded:
@@ -180,7 +192,12 @@ class ControlChannel:
             "applied_failed": 0,
             "applied_unknown": 0,
             "streams_replaced": 0,
+            # Split revisions a server reported that this sidecar never issued.
+            "bad_revisions": 0,
+            "replicas_expired": 0,
+            "replicas_refused": 0,
         }
+        self._last_sweep_ms = 0
         self.servicer = ControlServicer(self)
 
     # -- lifecycle -----------------------------------------------------------
@@ -201,6 +218,7 @@ class ControlChannel:
                     elif key.startswith(PROBE_PREFIX):
                         probe = ProbeRecord.from_json(value)
                         self._probes[probe.probe_id] = probe
+        self._repair_loaded_replicas()
         # A probe sent before the restart is unacknowledged: it may go to
         # whichever capable replica connects first.
         for p in self._probes.values():
@@ -209,8 +227,38 @@ class ControlChannel:
                 if owner is not None:
                     owner.pending.pop(self._probe_directive_id(p.probe_id), None)
                 p.state, p.server_id = "queued", ""
+        expired = self._expire(self._now_ms())
+        if expired:
+            await self._persist(deletes=expired)
         self._started = True
-        self._retry_task = asyncio.create_task(self._retry_loop(), name="control-retry")
+        self._retry_task = spawn(self._retry_loop(), stage="control", name="retry")
+
+    def _repair_loaded_replicas(self) -> None:
+        """Drops what a stored replica record cannot truthfully hold.
+
+        A store written before revisions and sizes were checked may hold a
+        split revision this sidecar never issued (it would push every later
+        revision past 2^64) or an oversized version list. The record is kept;
+        the bad parts are forgotten until the replica's next Hello.
+        """
+        issued = self.issued_revision()
+        repaired = []
+        for r in self._replicas.values():
+            if r.split_revision > issued:
+                r.split_revision = 0
+                self.counters["bad_revisions"] += 1
+                repaired.append(r.server_id)
+            if len(r.loaded) > self._config.max_loaded_versions:
+                r.loaded = set()
+                repaired.append(r.server_id)
+            r.capabilities &= _KNOWN_CAPABILITIES
+        if repaired:
+            log.warning(
+                "stored replica records held a split revision this sidecar never issued "
+                "or more versions than control.max_loaded_versions; forgotten until "
+                "their next Hello",
+                extra={"replicas": sorted(set(repaired))[:10], "issued_revision": issued},
+            )
 
     def drain(self) -> None:
         """Ends every open stream (before the gRPC server stops); servers reconnect later."""
@@ -229,10 +277,19 @@ class ControlChannel:
     def desired(self) -> DesiredState | None:
         return self._desired
 
+    def issued_revision(self) -> int:
+        """The newest split revision this sidecar has issued (0: none yet).
+
+        Revisions only grow, so every revision a replica may truthfully
+        report is at most this one; a larger one is refused (Hello) or
+        ignored (Applied), never stored.
+        """
+        return self._desired.revision if self._desired else 0
+
     def next_revision(self) -> int:
         """A revision newer than the desired one and than any replica reports."""
         seen = [r.split_revision for r in self._replicas.values()]
-        return max([self._desired.revision if self._desired else 0, *seen]) + 1
+        return max([self.issued_revision(), *seen]) + 1
 
     async def apply(self, desired: DesiredState) -> None:
         """Stores ``desired`` durably, then reconciles every connected replica.
@@ -381,6 +438,18 @@ class ControlChannel:
         async with self._lock:
             if self._draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down")
+            expired = self._expire(self._now_ms(), arriving=hello.server_id)
+            if hello.server_id not in self._replicas and (
+                len(self._replicas) >= self._config.max_replicas
+            ):
+                self.counters["replicas_refused"] += 1
+                if expired:
+                    await self._persist(deletes=expired)
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"hello.server_id: {len(self._replicas)} replicas are connected, "
+                    f"the most control.max_replicas allows",
+                )
             old = self._sessions.get(hello.server_id)
             if old is not None:
                 self.counters["streams_replaced"] += 1
@@ -392,7 +461,7 @@ class ControlChannel:
                 r = self._replicas[hello.server_id] = Replica(hello.server_id)
             r.loaded = set(hello.loaded_versions)
             r.split_revision = hello.split_revision
-            r.capabilities = frozenset(hello.capabilities)
+            r.capabilities = frozenset(hello.capabilities) & _KNOWN_CAPABILITIES
             r.last_seen_ms = self._now_ms()
             for p in r.pending.values():
                 p.in_flight = False
@@ -400,13 +469,15 @@ class ControlChannel:
             touched = {r.server_id: r}
             for other in self._assign_probes():
                 touched[other.server_id] = other
-            await self._persist(replicas=list(touched.values()))
+            await self._persist(replicas=list(touched.values()), deletes=expired)
             revision = self._desired.revision if self._desired else 0
             await context.send_initial_metadata((("atlas-desired-revision", str(revision)),))
             for t in touched.values():
                 self._send_ready(t)
         self._notify()
-        reader = asyncio.create_task(self._read_loop(session, context))
+        reader = spawn(
+            self._read_loop(session, context), stage="control", name=f"read-{hello.server_id}"
+        )
         try:
             while True:
                 item = await session.queue.get()
@@ -418,12 +489,15 @@ class ControlChannel:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             await self._end_session(session)
+        if session.problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.problem)
 
     async def _read_hello(
         self, context: grpc.aio.ServicerContext
     ) -> control_pb2.ServerMessage | None:
+        first: control_pb2.ServerMessage | None = None
         try:
-            first = await asyncio.wait_for(context.read(), self._config.hello_timeout_seconds)
+            msg = await asyncio.wait_for(context.read(), self._config.hello_timeout_seconds)
         except TimeoutError:
             self.counters["bad_messages"] += 1
             await context.abort(
@@ -431,26 +505,58 @@ class ControlChannel:
                 f"hello: not received within {self._config.hello_timeout_seconds} s",
             )
             return None
-        if first is grpc.aio.EOF:
-            return None
-        assert isinstance(first, control_pb2.ServerMessage)
-        problem = ""
-        if first.WhichOneof("message") != "hello":
-            problem = "hello: the first message must be a Hello"
-        elif not first.hello.server_id:
-            problem = "hello.server_id: required"
-        elif len(first.hello.server_id.encode()) > _MAX_ID_BYTES:
-            problem = f"hello.server_id: longer than {_MAX_ID_BYTES} bytes"
-        if problem:
+        except DecodeError as exc:  # e.g. a string field that is not UTF-8
+            problem: str | None = str(exc) or "hello: cannot be decoded"
+        else:
+            if msg is grpc.aio.EOF:
+                return None
+            assert isinstance(msg, control_pb2.ServerMessage)
+            first = msg
+            if first.WhichOneof("message") != "hello":
+                problem = "hello: the first message must be a Hello"
+            else:
+                problem = self._hello_problem(first.hello)
+        if problem is not None:
             self.counters["bad_messages"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             return None
         return first
 
+    def _hello_problem(self, hello: control_pb2.Hello) -> str | None:
+        """Why ``hello`` cannot be taken (naming the field), or None."""
+        problem = check_name("hello.server_id", hello.server_id)
+        if problem is not None:
+            return problem
+        most = self._config.max_loaded_versions
+        if len(hello.loaded_versions) > most:
+            return (
+                f"hello.loaded_versions: {len(hello.loaded_versions)} versions, "
+                f"more than control.max_loaded_versions ({most})"
+            )
+        for i, version in enumerate(hello.loaded_versions):
+            problem = check_name(f"hello.loaded_versions[{i}]", version)
+            if problem is not None:
+                return problem
+        issued = self.issued_revision()
+        if hello.split_revision > issued:
+            self.counters["bad_revisions"] += 1
+            return (
+                f"hello.split_revision: {hello.split_revision} is newer than any revision "
+                f"this sidecar issued ({issued})"
+            )
+        return None
+
     async def _read_loop(self, session: _Session, context: grpc.aio.ServicerContext) -> None:
         try:
             while True:
-                msg = await context.read()
+                try:
+                    msg = await context.read()
+                except DecodeError as exc:
+                    # Nothing after an undecodable message can be trusted to
+                    # line up with what the server meant: end the stream, say why.
+                    self.counters["bad_messages"] += 1
+                    session.problem = str(exc) or "control message: cannot be decoded"
+                    break
                 if msg is grpc.aio.EOF:
                     break
                 assert isinstance(msg, control_pb2.ServerMessage)
@@ -472,8 +578,14 @@ class ControlChannel:
             if r is None or self._sessions.get(session.server_id) is not session:
                 return
             r.last_seen_ms = self._now_ms()
-            if applied.split_revision:
-                r.split_revision = applied.split_revision
+            reported = applied.split_revision
+            if reported > self.issued_revision():
+                # Ignored, never stored: it would push every later revision
+                # past it (and past 2^64). The rest of the answer stands.
+                self.counters["bad_revisions"] += 1
+                reported = 0
+            if reported:
+                r.split_revision = reported
             p = r.pending.get(applied.directive_id)
             with ins.span(
                 "directive.applied",
@@ -495,7 +607,7 @@ class ControlChannel:
                     r.loaded.add(p.key)
                 elif p.kind == "unload":
                     r.loaded.discard(p.key)
-                elif p.kind == "split" and not applied.split_revision:
+                elif p.kind == "split" and not reported:
                     r.split_revision = max(r.split_revision, int(p.key))
                 elif p.kind == "probe":
                     probe = self._probes.get(p.key)
@@ -508,7 +620,8 @@ class ControlChannel:
                 r.failed += 1
                 p.attempts += 1
                 p.in_flight = False
-                p.last_error = r.last_error = applied.error or "failed without a reason"
+                error = applied.error[:_MAX_ERROR_CHARS] or "failed without a reason"
+                p.last_error = r.last_error = error
                 delay = min(
                     self._config.retry_initial_seconds * 2 ** (p.attempts - 1),
                     self._config.retry_max_seconds,
@@ -572,7 +685,11 @@ class ControlChannel:
         changed = False
         can_load = CAP_LOAD in r.capabilities
         can_unload = CAP_UNLOAD in r.capabilities
-        # Directives not in flight that the replica no longer needs.
+        ready = not can_load or split_versions(d) <= r.loaded
+        # Directives not in flight that the replica no longer needs. A split
+        # planned before the replica (re)connected without a version it routes
+        # to goes too: it is planned again once the LoadModel is applied, so
+        # it is always sent after it.
         for p in list(r.pending.values()):
             if p.in_flight:
                 continue
@@ -581,7 +698,7 @@ class ControlChannel:
                 or (p.kind == "unload" and (p.key not in r.loaded or p.key in d.loaded))
                 or (
                     p.kind == "split"
-                    and (int(p.key) != d.revision or r.split_revision >= d.revision)
+                    and (int(p.key) != d.revision or r.split_revision >= d.revision or not ready)
                 )
             )
             if obsolete:
@@ -597,7 +714,6 @@ class ControlChannel:
                     )
                     self._add(r, "load", v, msg)
                     changed = True
-        ready = not can_load or split_versions(d) <= r.loaded
         if (
             r.split_revision < d.revision
             and ready
@@ -674,6 +790,11 @@ class ControlChannel:
         while True:
             await asyncio.sleep(0.25)
             now = self._now_ms()
+            if now - self._last_sweep_ms >= _EXPIRY_SWEEP_MS:
+                async with self._lock:
+                    expired = self._expire(now)
+                    if expired:
+                        await self._persist(deletes=expired)
             due = [
                 r
                 for r in self._connected_replicas()
@@ -684,6 +805,32 @@ class ControlChannel:
                     for r in due:
                         self._send_ready(r)
 
+    def _expire(self, now_ms: int, *, arriving: str | None = None) -> list[bytes]:
+        """Forgets disconnected replicas; returns their store keys to delete.
+
+        Those unseen for control.replica_expiry_seconds go, and, while the
+        records are at control.max_replicas and ``arriving`` (a server_id
+        saying Hello) would need a new one, the one seen longest ago. A
+        connected replica (or ``arriving``) is never forgotten.
+        """
+        self._last_sweep_ms = now_ms
+        idle = sorted(
+            (r for s, r in self._replicas.items() if s not in self._sessions and s != arriving),
+            key=lambda r: (r.last_seen_ms, r.server_id),
+        )
+        expiry_ms = int(self._config.replica_expiry_seconds * 1000)
+        # Oldest first, so those past the age are a prefix of ``idle``.
+        gone = [r for r in idle if expiry_ms and now_ms - r.last_seen_ms > expiry_ms]
+        needs_record = arriving is not None and arriving not in self._replicas
+        room = self._config.max_replicas - (1 if needs_record else 0)
+        excess = len(self._replicas) - len(gone) - room
+        if excess > 0:
+            gone.extend(idle[len(gone) : len(gone) + excess])
+        for r in gone:
+            del self._replicas[r.server_id]
+        self.counters["replicas_expired"] += len(gone)
+        return [r.key for r in gone]
+
     # -- storage ---------------------------------------------------------------
 
     async def _persist(
@@ -692,17 +839,20 @@ class ControlChannel:
         desired: DesiredState | None = None,
         replicas: Sequence[Replica] = (),
         probes: Sequence[ProbeRecord] = (),
+        deletes: Sequence[bytes] = (),
     ) -> None:
         puts: list[tuple[str, bytes, bytes]] = []
         if desired is not None:
             puts.append(("meta", DESIRED_KEY, desired_to_json(desired)))
         puts.extend(("directives", r.key, r.to_json()) for r in replicas)
         puts.extend(("directives", p.key, p.to_json()) for p in probes)
-        if not puts:
+        if not puts and not deletes:
             return
         store = self._store
 
         def write(txn: lmdb.Transaction) -> None:
+            for key in deletes:
+                txn.delete(key, db=store.db("directives"))
             for db, key, value in puts:
                 txn.put(key, value, db=store.db(db))
 

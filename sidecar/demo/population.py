@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 from atlas_sidecar_client import Signal
 
+from sidecar._aio import spawn
 from sidecar.demo._users import Ask, UserPopulation
 from sidecar.demo._world import World
 
@@ -151,7 +152,11 @@ class PopulationRunner:
                 next_ask = max(next_ask + interval, now - 1.0)
                 await slots.acquire()
                 self._asked += 1
-                task = asyncio.create_task(self._guarded(session, self.population.ask(), slots))
+                task = spawn(
+                    self._guarded(session, self.population.ask(), slots),
+                    stage="demo-population",
+                    name="ask",
+                )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:

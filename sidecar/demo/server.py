@@ -45,6 +45,7 @@ from typing import Any
 from aiohttp import web
 from atlas_sidecar_client import ControlLoop, EventStream, Role, Router, Signal, TrafficSplit, uuid7
 
+from sidecar._aio import spawn
 from sidecar.demo._policy import Policy
 
 __all__ = ["ReferenceServer", "main"]
@@ -269,8 +270,10 @@ class ReferenceServer:
         )
         if decision.mirror_version and decision.mirror_version in self.models:
             # Mirrored off the user's path: the user never waits for the shadow.
-            task = asyncio.create_task(
-                self._mirror(decision.mirror_version, request_id, prompt, session, user)
+            task = spawn(
+                self._mirror(decision.mirror_version, request_id, prompt, session, user),
+                stage="demo-server",
+                name="mirror",
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)

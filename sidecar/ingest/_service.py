@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from atlas_sidecar_client.pb import events_pb2, ingest_pb2, ingest_pb2_grpc
 
+from sidecar._aio import spawn
 from sidecar.config import IngestConfig, ServerConfig
 from sidecar.errors import StoreError, StoreFullError
 from sidecar.ingest._decode import BatchDecodeError, BatchDecoder, DecodedBatch
@@ -200,8 +201,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             finally:
                 await pending.put(None)
 
-        reader = asyncio.create_task(read(), name="ingest-read")
-        drain_wait = asyncio.create_task(self._draining.wait(), name="ingest-drain")
+        reader = spawn(read(), stage="ingest", name="read", awaited=True)
+        drain_wait = spawn(self._draining.wait(), stage="ingest", name="drain", awaited=True)
         reader.add_done_callback(lambda _t: drain_wait.cancel())
         drain_wait.add_done_callback(lambda t: None if t.cancelled() else reader.cancel())
         try:

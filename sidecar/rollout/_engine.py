@@ -26,7 +26,7 @@ import lmdb
 import numpy as np
 from atlas_sidecar_client import uuid7
 
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import CanaryConfig, RolloutConfig
 from sidecar.control import ControlPlane, DesiredState, RouteSpec, ShadowSpec
 from sidecar.names import check_name
@@ -170,7 +170,7 @@ class RolloutEngine:
         async with self._lock:
             await self._recover()
         if self._autorun:
-            self._task = asyncio.create_task(self._run(), name="rollout-engine")
+            self._task = spawn(self._run(), stage="rollout", name="engine")
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, spawn
 from sidecar.store._env import Store
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class PageRelease:
 
     async def start(self) -> None:
         if self._task is None and self._interval > 0 and self.pages.supported:
-            self._task = asyncio.create_task(self._loop(), name="page-release")
+            self._task = spawn(self._loop(), stage="store", name="page-release")
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None

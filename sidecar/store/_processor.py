@@ -37,7 +37,7 @@ import lmdb
 from atlas_sidecar_client.pb import events_pb2
 from google.protobuf.message import DecodeError
 
-from sidecar._aio import cancel_and_wait, set_threadsafe, wait_event
+from sidecar._aio import cancel_and_wait, set_threadsafe, spawn, wait_event
 from sidecar.errors import StoreFullError
 from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
@@ -184,7 +184,7 @@ class ProcessorRunner:
             return
         self._loop = asyncio.get_running_loop()
         self._writer.add_commit_listener(self._on_commit)
-        self._task = asyncio.create_task(self._run(), name="processors")
+        self._task = spawn(self._run(), stage="store", name="processors")
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None

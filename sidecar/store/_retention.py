@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import lmdb
 
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import StoreConfig
 from sidecar.store._codec import CURSOR_PREFIX, decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
@@ -126,7 +126,7 @@ class Retention:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="retention")
+            self._task = spawn(self._loop(), stage="store", name="retention")
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None

@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sidecar import __version__
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import TelemetryConfig
 from sidecar.errors import ConfigError
 from sidecar.ingest import BatchInfo
@@ -177,7 +177,7 @@ class Telemetry:
         self._observe_gauges()
         ins.install(self.instruments)
         self._history_seq = 0
-        self._history_task = asyncio.create_task(self._follow_history(), name="telemetry-history")
+        self._history_task = spawn(self._follow_history(), stage="telemetry", name="history")
         if self.traffic is not None:
             await self.traffic.start()
         log.info(

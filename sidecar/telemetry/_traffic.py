@@ -30,7 +30,7 @@ from typing import Any
 import lmdb
 from atlas_sidecar_client.pb import events_pb2
 
-from sidecar._aio import cancel_and_wait, set_threadsafe, wait_event
+from sidecar._aio import cancel_and_wait, set_threadsafe, spawn, wait_event
 from sidecar.config import TelemetryConfig
 from sidecar.scoring import WeightTable, score_feedback
 from sidecar.store import (
@@ -153,7 +153,7 @@ class TrafficView:
             return
         self._loop = asyncio.get_running_loop()
         self._writer.add_commit_listener(self._on_commit)
-        self._task = asyncio.create_task(self._run(), name="telemetry-traffic")
+        self._task = spawn(self._run(), stage="telemetry", name="traffic")
 
     async def shutdown(self) -> None:
         task, self._task = self._task, None

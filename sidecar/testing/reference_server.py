@@ -53,6 +53,8 @@ from typing import Any
 from atlas_sidecar_client import ControlLoop, EventStream, Role, Router, Signal, TrafficSplit
 from atlas_sidecar_client.pb import control_pb2
 
+from sidecar._aio import spawn
+
 __all__ = ["PRESETS", "Behaviour", "ReferenceServer", "main"]
 
 _TOPICS = ("parse", "sort", "merge", "cache", "retry", "index", "stream", "encode")
@@ -360,7 +362,10 @@ class ReferenceServer:
         await self.loop.start()
         await self.loop.wait_connected()
         print(json.dumps({"event": "ready", "server_id": self.args.server_id}), flush=True)
-        tasks = [asyncio.create_task(self._traffic()), asyncio.create_task(self._report())]
+        tasks = [
+            spawn(self._traffic(), stage="reference-server", name="traffic"),
+            spawn(self._report(), stage="reference-server", name="report"),
+        ]
         try:
             await self._stopping.wait()
         finally:

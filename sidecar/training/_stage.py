@@ -34,7 +34,7 @@ import grpc
 import lmdb
 from atlas_sidecar_client.pb import admin_pb2
 
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import SidecarConfig
 from sidecar.errors import SidecarError, StoreError, StoreFullError
 from sidecar.learning import Decision, HoldoutSet, LearningScheduler
@@ -165,7 +165,7 @@ class TrainingStage:
         await self.registry.start()
         await self._kill_leftover_trainer()
         await self._writer.run(self._recover)
-        self._loop_task = asyncio.create_task(self._run(), name="learning-scheduler")
+        self._loop_task = spawn(self._run(), stage="learning", name="scheduler")
 
     async def shutdown(self) -> None:
         """Stops evaluating; a running trainer is killed and its run recorded
@@ -230,8 +230,8 @@ class TrainingStage:
             lambda txn: self.scheduler.evaluate(txn, now, manual_reason=manual_reason)
         )
         if decision is not None and decision.fired:
-            self._update_task = asyncio.create_task(
-                self._run_update(decision), name=f"update-{decision.update_id}"
+            self._update_task = spawn(
+                self._run_update(decision), stage="learning", name=f"update-{decision.update_id}"
             )
         return decision
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from atlas_sidecar_client import ControlLoop
 
-from sidecar._aio import cancel_and_wait
+from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import AdapterConfig
 from sidecar.control.adapters._base import AdapterError, ModelServerAdapter
 from sidecar.control.adapters._triton import TritonRepositoryAdapter
@@ -53,7 +53,7 @@ class AdapterStage:
     async def start(self) -> None:
         if self._adapter is None or self._task is not None:
             return
-        self._task = asyncio.create_task(self._run(self._adapter), name="control-adapter")
+        self._task = spawn(self._run(self._adapter), stage="control", name="adapter")
 
     async def shutdown(self) -> None:
         """Safe before start and twice."""
