@@ -15,7 +15,9 @@ from typing import Any, Protocol
 import grpc
 from atlas_sidecar_client.pb import (
     active_learning_pb2,
+    active_learning_pb2_grpc,
     admin_pb2,
+    admin_pb2_grpc,
     control_pb2,
     control_pb2_grpc,
     ingest_pb2,
@@ -26,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from sidecar._compiled import compiled_reason
 from sidecar._grpc_errors import UndecodableRequestInterceptor
 from sidecar._private import restrict_socket, unix_socket_path
-from sidecar.admin import AdminHandlers, AdminServicer, add_strict_servicer, status_to_dict
+from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
 from sidecar.config import SidecarConfig
 from sidecar.control import ControlChannel
 from sidecar.control.adapters import AdapterStage
@@ -432,15 +434,9 @@ class SidecarApp:
             log.warning(
                 "ingest runs its pure-Python path (slower)", extra={"reason": compiled_reason()}
             )
-        # Admin and active learning parse their own requests, so that one
-        # that does not parse (invalid UTF-8) answers INVALID_ARGUMENT.
-        add_strict_servicer(
-            admin_pb2.DESCRIPTOR.services_by_name["AdminService"], self.admin, server
-        )
-        add_strict_servicer(
-            active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"],
-            self.active_servicer,
-            server,
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin, server)
+        active_learning_pb2_grpc.add_ActiveLearningServiceServicer_to_server(
+            self.active_servicer, server
         )
         control_pb2_grpc.add_ControlServiceServicer_to_server(self.control.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

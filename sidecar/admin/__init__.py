@@ -10,7 +10,6 @@ from sidecar.admin._service import (
     StatusSource,
 )
 from sidecar.admin._status import status_to_dict
-from sidecar.admin._strict import add_strict_servicer
 
 __all__ = [
     "AdminHandlers",
@@ -20,6 +19,5 @@ __all__ = [
     "ReportSource",
     "RolloutControl",
     "StatusSource",
-    "add_strict_servicer",
     "status_to_dict",
 ]

@@ -35,7 +35,7 @@ CASES = [
     (
         "AdminService/RegisterCandidate",
         _string(1, b"v2") + _string(5, _string(1, BAD)),
-        "metrics.key",
+        "metrics[0].key",
     ),
     ("AdminService/StartRollout", _string(1, b"v2") + _string(3, BAD), "reason"),
     ("AdminService/PromoteRollout", _string(1, BAD), "rollout_id"),
@@ -46,7 +46,7 @@ CASES = [
     (
         "ActiveLearningService/ShouldRequestFeedback",
         _string(1, b"r1") + _string(6, _entry(b"k", BAD)),
-        "attributes.value",
+        "attributes[0].value",
     ),
 ]
 
@@ -107,5 +107,5 @@ def test_a_corrupt_streaming_request_answers_invalid_argument(daemon: DaemonProc
             list(call(b"\x08", timeout=10))  # a varint field cut short
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.value.details() or "").startswith(
-        "request is not a valid atlas.sidecar.v1.ExportSamplesRequest: "
+        "request: not a valid atlas.sidecar.v1.ExportSamplesRequest: "
     )
