@@ -29,6 +29,8 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from sidecar._wire import read_varint
+
 __all__ = ["RequestDecodeError", "UndecodableRequestInterceptor", "describe_decode_error"]
 
 #: Nesting followed when looking for the bad field (protobuf's own limit is 100).
@@ -46,35 +48,22 @@ class _Undecodable:
         self.reason = reason
 
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
 def _bad_utf8(desc: Any, data: bytes, path: str, depth: int) -> str | None:
     """The path of the first string field in ``data`` that is not UTF-8, or None."""
     seen: dict[int, int] = {}
     i, n = 0, len(data)
     while i < n:
-        tag, i = _varint(data, i)
+        tag, i = read_varint(data, i)
         number, wire = tag >> 3, tag & 7
         if wire == 0:
-            _, i = _varint(data, i)
+            _, i = read_varint(data, i)
             continue
         if wire == 1 or wire == 5:
             i += 8 if wire == 1 else 4
             continue
         if wire != 2:
             return None  # groups: not used by these protos
-        size, i = _varint(data, i)
+        size, i = read_varint(data, i)
         chunk, i = data[i : i + size], i + size
         field = desc.fields_by_number.get(number)
         if field is None:

@@ -55,11 +55,13 @@ def control_app(data_dir: Path, port: int) -> SidecarApp:
     return SidecarApp(fixed_port_config(data_dir, port, control=FAST_CONTROL_RETRY))
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 30) -> None:
+async def wait_until(
+    cond: Callable[[], bool], timeout: float = 30, *, what: str = "the condition"
+) -> None:
     """Polls ``cond`` every 50 ms; fails the test if it is still false after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
 
 

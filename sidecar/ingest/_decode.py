@@ -23,6 +23,7 @@ from atlas_sidecar_client.pb import events_pb2
 from google.protobuf.message import DecodeError
 
 from sidecar._compiled import compiled_decoder, compiled_reason
+from sidecar._wire import read_varint
 from sidecar.config import IngestConfig
 from sidecar.errors import SidecarError
 from sidecar.ingest._validate import EventValidator
@@ -168,19 +169,6 @@ def _upb_reason(exc: DecodeError) -> str:
     return str(exc).rsplit(": ", 1)[-1] or "does not parse"
 
 
-def _varint(raw: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(raw) or shift > 63:
-            raise IndexError(pos)
-        b = raw[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
 def split_batch(raw: bytes) -> list[bytes]:
     """The bytes of each event of a serialized EventBatch, in order; other
     fields of the batch (and field 1 with another wire type) are skipped, as
@@ -191,14 +179,14 @@ def split_batch(raw: bytes) -> list[bytes]:
     while pos < end:
         start = pos
         try:
-            tag, pos = _varint(raw, pos)
+            tag, pos = read_varint(raw, pos)
             wire = tag & 7
             if tag >> 3 == 0 or wire not in (0, 1, 2, 5):
                 raise IndexError(start)
             if wire == 0:
-                _, pos = _varint(raw, pos)
+                _, pos = read_varint(raw, pos)
             elif wire == 2:
-                length, pos = _varint(raw, pos)
+                length, pos = read_varint(raw, pos)
                 if length > end - pos:
                     raise IndexError(start)
                 if tag >> 3 == 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from sidecar.config import load_config
 from sidecar.control import ControlChannel, DesiredState, RouteSpec, ShadowSpec
 from sidecar.store import Store, StoreWriter, decode_log_value
 from sidecar.testing import free_port
-from tests._helpers import control_app
+from tests._helpers import control_app, wait_until
 
 WAIT = 20.0
 
@@ -86,17 +85,6 @@ def _stable(revision: int) -> DesiredState:
     )
 
 
-async def _until(pred: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while True:
-                if pred():
-                    return
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 async def test_control_lifecycle_shutdown_without_start_and_twice(tmp_path: Path) -> None:
     cfg = load_config(environ={}, overrides={"store": {"data_dir": str(tmp_path)}})
     store = Store(cfg.store)
@@ -125,7 +113,7 @@ async def test_control_load_then_split_then_unload_in_order(sidecar: SidecarApp)
         assert {loop.router.route(f"r{i}").version for i in range(400)} == {"v1", "v2"}
 
         await sidecar.control.apply(_stable(2))
-        await _until(lambda: "v2" not in server.models, "v2 unloaded")
+        await wait_until(lambda: "v2" not in server.models, what="v2 unloaded")
         assert server.calls == [("load", "v2"), ("unload", "v2")]
         assert loop.router.revision == 2
         assert {loop.router.route(f"r{i}").version for i in range(400)} == {"v1"}
@@ -142,7 +130,7 @@ async def test_control_reconnect_convergence_after_server_restart(sidecar: Sidec
     async with asyncio.timeout(WAIT):
         await sidecar.control.wait_converged(1)
     await loop.stop()
-    await _until(lambda: sidecar.control.connected_servers() == 0, "disconnect")
+    await wait_until(lambda: sidecar.control.connected_servers() == 0, what="disconnect")
     # The split moves on while the server is away.
     await sidecar.control.apply(_canary(2, 2500))
 
@@ -199,7 +187,7 @@ async def test_control_sidecar_restart_resumes_without_applying_twice(tmp_path: 
 
         # The next change goes through the restarted sidecar once.
         await app.control.apply(_stable(2))
-        await _until(lambda: "v2" not in server.models, "unload")
+        await wait_until(lambda: "v2" not in server.models, what="unload")
         assert server.calls == [("load", "v2"), ("unload", "v2")]
     finally:
         await loop.stop()
@@ -224,7 +212,7 @@ async def test_control_unacknowledged_directive_resent_with_its_id(sidecar: Side
     first = await call.read()
     assert first.WhichOneof("action") == "set_traffic_split"
     await channel.close()  # gone before answering
-    await _until(lambda: sidecar.control.connected_servers() == 0, "disconnect")
+    await wait_until(lambda: sidecar.control.connected_servers() == 0, what="disconnect")
 
     channel, call = await _raw_stream(sidecar, hello)
     again = await call.read()
@@ -242,7 +230,9 @@ async def test_control_unacknowledged_directive_resent_with_its_id(sidecar: Side
             applied=control_pb2.Applied(directive_id=again.directive_id, ok=True, split_revision=1)
         )
     )
-    await _until(lambda: sidecar.control.counters["applied_unknown"] == 1, "duplicate counted")
+    await wait_until(
+        lambda: sidecar.control.counters["applied_unknown"] == 1, what="duplicate counted"
+    )
     await channel.close()
 
 
@@ -347,9 +337,9 @@ async def test_control_probe_answers_arrive_as_probe_events(sidecar: SidecarApp)
     status = sidecar.control.probe(probe_id)
     assert status is not None and status.state == "queued"
     async with loop:
-        await _until(
+        await wait_until(
             lambda: (p := sidecar.control.probe(probe_id)) is not None and p.state == "done",
-            "probe done",
+            what="probe done",
         )
     events.close()
     assert calls == [("v1", "hi"), ("v1", "boom"), ("v1", "there")]
@@ -429,7 +419,7 @@ async def test_control_lease_fallback_when_the_sidecar_is_gone(tmp_path: Path) -
             await loop.wait_revision(1)
         assert router.route("r").version == "v2"
         await app.shutdown()  # the sidecar goes away
-        await _until(lambda: not loop.connected, "loop notices")
+        await wait_until(lambda: not loop.connected, what="loop notices")
         now[0] += 4
         assert router.route("r").version == "v2"  # within the lease
         now[0] += 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from sidecar.app import SidecarApp
 from sidecar.control import DesiredState, RouteSpec
 from sidecar.control._state import REPLICA_PREFIX, Replica
 from sidecar.testing import free_port
-from tests._helpers import FAST_CONTROL_RETRY, fixed_port_config, running_store
+from tests._helpers import FAST_CONTROL_RETRY, fixed_port_config, running_store, wait_until
 
 WAIT = 20.0
 HOSTILE_REVISION = 2**64 - 5
@@ -55,17 +55,6 @@ async def daemon(tmp_path: Path) -> AsyncIterator[SidecarApp]:
 
 def _target(app: SidecarApp) -> str:
     return next(iter(app.ports))
-
-
-async def _until(pred: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while True:
-                if pred():
-                    return
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def _hello(channel: grpc.aio.Channel, hello: control_pb2.Hello) -> grpc.aio.StreamStreamCall:
@@ -150,7 +139,7 @@ async def test_hello_with_a_revision_never_issued_is_refused_and_rollouts_still_
                 channel,
                 control_pb2.Hello(server_id="pod-a", loaded_versions=["v1"], split_revision=issued),
             )
-            await _until(lambda: app.control.connected_servers() == 1, "pod-a connected")
+            await wait_until(lambda: app.control.connected_servers() == 1, what="pod-a connected")
             call.cancel()
         await app.shutdown()
 
@@ -194,11 +183,13 @@ async def test_applied_with_a_revision_never_issued_is_ignored_and_counted(
                 )
             )
         )
-        await _until(lambda: daemon.control.counters["bad_revisions"] == 1, "counted")
+        await wait_until(lambda: daemon.control.counters["bad_revisions"] == 1, what="counted")
         # The rest of the answer stands: the split it acknowledged is applied.
-        await _until(lambda: daemon.control.converged(1), "converged")
+        await wait_until(lambda: daemon.control.converged(1), what="converged")
         assert [r.split_revision for r in daemon.control.replicas()] == [1]
-        await _until(lambda: not _stored_replicas(daemon)["pod-a"].pending, "answer stored")
+        await wait_until(
+            lambda: not _stored_replicas(daemon)["pod-a"].pending, what="answer stored"
+        )
         assert _stored_replicas(daemon)["pod-a"].split_revision == 1
         assert daemon.control.next_revision() == 2
         call.cancel()
@@ -250,7 +241,7 @@ async def test_many_hellos_with_big_payloads_keep_records_and_status_bounded(
         for i in range(200):
             call = await _hello(channel, _big_hello(f"pod-{i:03d}", versions))
             call.cancel()
-            await _until(lambda: daemon.control.connected_servers() == 0, "disconnect")
+            await wait_until(lambda: daemon.control.connected_servers() == 0, what="disconnect")
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         status = await admin.GetStatus(admin_pb2.GetStatusRequest())
     control = json.loads(status.details_json)["control"]
@@ -284,11 +275,11 @@ async def test_at_the_cap_with_every_replica_connected_a_new_one_is_refused(
             assert app.control.counters["replicas_refused"] == 1
             # A known replica reconnecting is never refused.
             again = await _hello(channel, control_pb2.Hello(server_id="pod-1"))
-            await _until(lambda: app.control.counters["streams_replaced"] == 1, "replaced")
+            await wait_until(lambda: app.control.counters["streams_replaced"] == 1, what="replaced")
             calls[0].cancel()
-            await _until(lambda: app.control.connected_servers() == 2, "pod-0 gone")
+            await wait_until(lambda: app.control.connected_servers() == 2, what="pod-0 gone")
             late = await _hello(channel, control_pb2.Hello(server_id="pod-3"))
-            await _until(lambda: app.control.connected_servers() == 3, "pod-3 connected")
+            await wait_until(lambda: app.control.connected_servers() == 3, what="pod-3 connected")
             assert sorted(_stored_replicas(app)) == ["pod-1", "pod-2", "pod-3"]
             for c in (*calls, again, late):
                 c.cancel()
@@ -303,7 +294,7 @@ async def test_disconnected_replicas_expire_after_their_age(tmp_path: Path) -> N
         async with grpc.aio.insecure_channel(_target(app)) as channel:
             old = await _hello(channel, control_pb2.Hello(server_id="old"))
             old.cancel()
-            await _until(lambda: app.control.connected_servers() == 0, "old gone")
+            await wait_until(lambda: app.control.connected_servers() == 0, what="old gone")
             await asyncio.sleep(0.3)  # past the expiry age (a lower bound, not a timing check)
             new = await _hello(channel, control_pb2.Hello(server_id="new"))
             assert [r.server_id for r in app.control.replicas()] == ["new"]
@@ -337,7 +328,7 @@ async def test_reconnect_without_a_version_gets_load_model_before_the_split(
         first = await call.read()
         assert first.WhichOneof("action") == "set_traffic_split"
         call.cancel()  # gone before answering
-        await _until(lambda: daemon.control.connected_servers() == 0, "disconnect")
+        await wait_until(lambda: daemon.control.connected_servers() == 0, what="disconnect")
 
     # The server restarted and lost v2.
     async with grpc.aio.insecure_channel(_target(daemon)) as channel:
@@ -368,7 +359,7 @@ async def test_reconnect_without_a_version_gets_load_model_before_the_split(
                 )
             )
         )
-        await _until(lambda: daemon.control.converged(1), "converged")
+        await wait_until(lambda: daemon.control.converged(1), what="converged")
         call.cancel()
 
 
@@ -447,12 +438,12 @@ async def test_control_messages_with_bad_utf8_answer_invalid_argument(
             await call.read()
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (info.value.details() or "").startswith("applied.error")
-        await _until(lambda: daemon.control.connected_servers() == 0, "stream ended")
+        await wait_until(lambda: daemon.control.connected_servers() == 0, what="stream ended")
         assert daemon.control.counters["bad_messages"] == 2
 
         # The daemon serves the next one as before.
         fine = await _hello(channel, control_pb2.Hello(server_id="pod-b"))
-        await _until(lambda: daemon.control.connected_servers() == 1, "reconnected")
+        await wait_until(lambda: daemon.control.connected_servers() == 1, what="reconnected")
         fine.cancel()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
     assert "Traceback" not in caplog.text
