@@ -28,6 +28,7 @@ from typing import Any
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from sidecar import __version__
+from sidecar._client_args import add_client_args, client_channel
 from sidecar.errors import ConfigError, SidecarError, StoreCorruptError
 
 __all__ = ["main"]
@@ -87,9 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON")
 
     st = sub.add_parser("status", help="show a running daemon's status")
-    st.add_argument(
-        "--target", default="127.0.0.1:50051", metavar="ADDR", help="gRPC address of the daemon"
-    )
+    add_client_args(st)
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
@@ -179,7 +178,11 @@ def _run_daemon(config: Any) -> int:
         os._exit(3)
 
     async def run() -> int:
-        app = SidecarApp(config, on_store_fatal=store_failed)
+        try:
+            app = SidecarApp(config, on_store_fatal=store_failed)
+        except SidecarError as exc:
+            print(f"atlas-sidecar: {exc}", file=sys.stderr)
+            return 2
         try:
             await app.start()
         except StoreCorruptError as exc:
@@ -191,6 +194,8 @@ def _run_daemon(config: Any) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, app.request_stop)
+        # SIGHUP rereads the tokens file (it is also reread when it changes).
+        loop.add_signal_handler(signal.SIGHUP, app.auth.request_reload)
         ready = {"event": "ready", "ports": app.ports, "data_dir": str(app.store.data_dir)}
         print(json.dumps(ready), flush=True)
         await app.wait()
@@ -206,7 +211,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from sidecar.admin import status_to_dict
 
-    with grpc.insecure_channel(args.target) as channel:
+    with client_channel(args) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         try:
             status = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=args.timeout)
