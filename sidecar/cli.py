@@ -100,6 +100,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--data-dir", required=True, metavar="DIR", help="the daemon's data dir")
 
+    t = sub.add_parser(
+        "token",
+        help="mint a token, or hash one, for auth.tokens_file",
+        description="Tokens stand in auth.tokens_file only as their SHA-256. 'token new' "
+        "prints a fresh token (give it to the client, e.g. as ATLAS_SIDECAR_TOKEN) and the "
+        "entry to add to the file; 'token hash' reads a token on stdin and prints its SHA-256.",
+        epilog="example: atlas-sidecar token new --name vllm-0 --role ingest --role server "
+        "--server-id 'vllm-*' >> entry.yaml (see docs/security.md)",
+    )
+    tsub = t.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    tn = tsub.add_parser("new", help="print a new token and its tokens-file entry")
+    tn.add_argument("--name", required=True, help="the entry's name (shown in logs and metrics)")
+    tn.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        choices=["ingest", "server", "operator", "read"],
+        help="a role of the token (repeat for more)",
+    )
+    tn.add_argument(
+        "--server-id",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="with --role server: a server_id pattern the token may claim (repeat for more)",
+    )
+    tsub.add_parser("hash", help="print the SHA-256 of the token read from stdin")
+
     v = sub.add_parser(
         "validate-config", help="check a config file; exit non-zero naming the bad key"
     )
@@ -205,6 +233,19 @@ def _run_daemon(config: Any) -> int:
     return int(uvloop.run(run()))
 
 
+def _rpc_problem(target: str, exc: Any) -> str:
+    """One line on why a call to the daemon failed, with what to do about a refusal."""
+    import grpc
+
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return (
+            f"the daemon at {target} refused the call: {code.name}: {exc.details()} "
+            "(pass --token or set ATLAS_SIDECAR_TOKEN)"
+        )
+    return f"cannot reach the daemon at {target}: {code.name}: {exc.details()}"
+
+
 def _status(args: argparse.Namespace) -> int:
     import grpc
     from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
@@ -216,11 +257,7 @@ def _status(args: argparse.Namespace) -> int:
         try:
             status = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(
-                f"atlas-sidecar: cannot reach the daemon at {args.target}: "
-                f"{exc.code().name}: {exc.details()}",
-                file=sys.stderr,
-            )
+            print(f"atlas-sidecar: {_rpc_problem(args.target, exc)}", file=sys.stderr)
             return 1
     doc = status_to_dict(status)
     if args.json:
@@ -304,6 +341,31 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.data_dir, settings=settings)
 
 
+def _token(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sidecar.auth import hash_token, new_token
+
+    if args.token_command == "hash":
+        token = sys.stdin.readline().strip()
+        if not token:
+            print("atlas-sidecar: token hash: no token on stdin", file=sys.stderr)
+            return 2
+        print(hash_token(token))
+        return 0
+    if args.server_id and "server" not in args.role:
+        print("atlas-sidecar: token new: --server-id needs --role server", file=sys.stderr)
+        return 2
+    token = new_token()
+    entry: dict[str, Any] = {"name": args.name, "sha256": hash_token(token), "roles": args.role}
+    if args.server_id:
+        entry["server_ids"] = args.server_id
+    # The token on stderr (for the client), the entry on stdout (for the file).
+    print(f"token (give it to the client; it is not stored anywhere): {token}", file=sys.stderr)
+    print(yaml.safe_dump([entry], sort_keys=False), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -312,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validate-config": _validate_config,
         "check": _check,
         "demo": _demo,
+        "token": _token,
     }
     commands.update({name: run for name, (_setup, run) in EXTRA_COMMANDS.items()})
     return commands[args.command](args)

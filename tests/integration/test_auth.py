@@ -23,7 +23,12 @@ from tests._helpers import wait_until
 from tests.conftest import make_config
 
 #: The role each token in tests._auth.ROLE_TOKENS has.
-_TOKEN_OF_ROLE = {"ingest": "ingester", "server": "server", "operator": "operator", "read": "reader"}
+_TOKEN_OF_ROLE = {
+    "ingest": "ingester",
+    "server": "server",
+    "operator": "operator",
+    "read": "reader",
+}
 _DENIED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
