@@ -104,6 +104,8 @@ class ReadyProcess:
 #: The roles of the tokens :func:`write_test_tokens` makes, by entry name.
 TEST_TOKEN_ROLES: dict[str, list[str]] = {
     "all": ["ingest", "server", "operator", "read"],
+    # What an inference server needs: send events and keep its control stream.
+    "inference": ["ingest", "server"],
     "ingest": ["ingest"],
     "server": ["server"],
     "operator": ["operator"],
