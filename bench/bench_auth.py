@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import psutil
 from atlas_sidecar_client import ChannelSecurity, open_channel
 from atlas_sidecar_client.pb import events_pb2, ingest_pb2_grpc
