@@ -161,6 +161,11 @@ async def test_every_http_route_needs_the_read_role(
             assert await get(path, tokens["reader"]) in (200, 302), path
         assert await get("/healthz", None) == 200
         assert await get("/static/dashboard.js", None) == 200
+        headers = {"Authorization": f"Bearer {tokens['reader']}"}
+        async with http.get(base + "/metrics", headers=headers) as r:
+            metrics = await r.text()
+        denied = [line for line in metrics.splitlines() if line.startswith("atlas_auth_denied")]
+        assert any('reason="missing_role"' in x and 'service="http"' in x for x in denied), denied
     assert app.auth.denied[("http", "missing_token")] >= len(_API_ROUTES) + len(_PAGES)
     assert app.auth.denied[("http", "unknown_token")] >= len(_API_ROUTES)
     assert app.auth.denied[("http", "missing_role")] >= len(_API_ROUTES) + len(_PAGES)
