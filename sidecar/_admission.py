@@ -77,7 +77,9 @@ class CallAdmission(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         factory = _FACTORIES[(streamed, streaming)]
         if inspect.isasyncgenfunction(inner):
 
-            async def responses(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def responses(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 peer = await self._enter(context)
                 try:
                     async for response in inner(request, context):

@@ -25,8 +25,8 @@ from atlas_sidecar_client.pb import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar._compiled import compiled_reason
 from sidecar._admission import CallAdmission
+from sidecar._compiled import compiled_reason
 from sidecar._grpc_errors import UndecodableRequestInterceptor
 from sidecar._private import restrict_socket, unix_socket_path
 from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict

@@ -29,7 +29,9 @@ def test_a_message_of_two_million_empty_events_is_refused_and_costs_little(
     try:
         with grpc.insecure_channel(d.target) as ch:
             record = ch.unary_unary(
-                RECORD, request_serializer=None, response_deserializer=events_pb2.IngestAck.FromString
+                RECORD,
+                request_serializer=None,
+                response_deserializer=events_pb2.IngestAck.FromString,
             )
             flood = b"\x0a\x00" * ((ServerConfig().max_message_bytes - 64) // 2)
             code = grpc.StatusCode.OK

@@ -22,7 +22,6 @@ from atlas_sidecar_client.pb import (
 
 from sidecar._admission import peer_key
 from sidecar._compiled import PURE_PYTHON_ENV
-from sidecar.app import SidecarApp
 from tests._helpers import wait_until
 from tests.conftest import inference, target_of
 
@@ -68,7 +67,9 @@ async def test_over_cap_batch_is_refused_before_it_is_decoded(
             # the same on a stream, after the acks of the batches before it
             stub = ingest_pb2_grpc.IngestServiceStub(ch)
             call = stub.StreamEvents()
-            await call.write(events_pb2.EventBatch(events=[inference(f"ok{i}") for i in range(100)]))
+            await call.write(
+                events_pb2.EventBatch(events=[inference(f"ok{i}") for i in range(100)])
+            )
             assert (await call.read()).accepted == 100
             await call.write(
                 events_pb2.EventBatch(events=[inference(f"no{i}") for i in range(101)])
