@@ -25,6 +25,7 @@ from atlas_sidecar_client.pb import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sidecar._admission import CallAdmission
 from sidecar._compiled import compiled_reason
 from sidecar._grpc_errors import UndecodableRequestInterceptor
 from sidecar._private import restrict_socket, unix_socket_path
@@ -78,6 +79,13 @@ _SERVICE_NAMES = (
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
     active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"].full_name,
 )
+#: The services inference servers call: each of their calls takes one of the
+#: server.max_concurrent_streams slots (admin and health calls do not).
+_PRODUCER_SERVICES = (
+    INGEST_SERVICE,
+    control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+    active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"].full_name,
+)
 
 
 def _self_target(config: SidecarConfig) -> str:
@@ -128,9 +136,15 @@ class SidecarApp:
         self.writer = StoreWriter(self.store, config.store)
         self.retention = Retention(self.store, self.writer, config.store)
         self.page_release = PageRelease(self.store, config.store.release_mapped_pages_seconds)
-        self.ingest = IngestServicer(self.writer, config.ingest, config.server)
+        self.ingest = IngestServicer(self.writer, config.ingest)
         self.handlers = AdminHandlers()
         self.handlers.status["ingest"] = self.ingest.status
+        self.admission = CallAdmission(
+            _PRODUCER_SERVICES,
+            max_calls=config.server.max_concurrent_streams,
+            max_per_peer=config.server.max_streams_per_peer,
+        )
+        self.handlers.status["admission"] = self.admission.status
         self.handlers.status["process"] = self.page_release.status
         # -- control channel (sidecar/control): the desired state, reconciling
         # every connected inference server to it (ControlService.Connect).
@@ -422,7 +436,11 @@ class SidecarApp:
         # that cannot be decoded answers INVALID_ARGUMENT naming the field.
         self.decode_errors = UndecodableRequestInterceptor()
         server = grpc.aio.server(
-            interceptors=[self.decode_errors, *self.telemetry.grpc_interceptors()],
+            interceptors=[
+                self.decode_errors,
+                self.admission,
+                *self.telemetry.grpc_interceptors(),
+            ],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
