@@ -12,7 +12,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-__all__ = ["PURE_PYTHON_ENV", "RowBuilder", "compiled_decoder", "compiled_reason", "row_builder"]
+__all__ = [
+    "PURE_PYTHON_ENV",
+    "EventCounter",
+    "RowBuilder",
+    "compiled_decoder",
+    "compiled_reason",
+    "event_counter",
+    "row_builder",
+]
 
 #: Set to 1 (or true, yes) to run the pure-Python equivalents.
 PURE_PYTHON_ENV = "ATLAS_SIDECAR_PURE_PYTHON"
@@ -22,6 +30,9 @@ RowBuilder = Callable[
     [Sequence[tuple[bytes, bytes]], int, int],
     tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]],
 ]
+
+#: (serialized EventBatch, limit) -> its events, counted up to limit + 1.
+EventCounter = Callable[[bytes, int], int]
 
 try:
     from sidecar import _fastpath
@@ -48,6 +59,13 @@ def row_builder() -> RowBuilder | None:
     if _fastpath is None or _switched_off():
         return None
     return _fastpath.append_rows
+
+
+def event_counter() -> EventCounter | None:
+    """The compiled counter of a batch's events, or None (not built, or switched off)."""
+    if _fastpath is None or _switched_off():
+        return None
+    return _fastpath.count_events
 
 
 def compiled_reason() -> str:

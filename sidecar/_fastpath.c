@@ -849,6 +849,77 @@ done:
     return result;
 }
 
+/* -- counting events ------------------------------------------------------ */
+
+/* Any varint protobuf accepts (padded ones too): counting must not miss an
+ * event that upb would parse. */
+static int
+rd_any_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out)
+{
+    const uint8_t *p = *pp;
+    uint64_t v = 0;
+    for (int i = 0; i < 10; i++) {
+        if (p >= end)
+            return -1;
+        uint8_t b = *p++;
+        v |= (uint64_t)(b & 0x7f) << (7 * i);
+        if (!(b & 0x80)) {
+            *pp = p;
+            *out = v;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+PyDoc_STRVAR(count_events_doc,
+"count_events(data: bytes, limit: int) -> int\n\n"
+"The events (field 1, length-delimited, outside any group) of a serialized\n"
+"EventBatch, counted from the tags and lengths alone; it stops at limit + 1\n"
+"and where the framing breaks (the decoder then reports the break).");
+
+static PyObject *
+count_events(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer buf;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "y*n:count_events", &buf, &limit))
+        return NULL;
+    const uint8_t *p = (const uint8_t *)buf.buf, *end = p + buf.len;
+    Py_ssize_t count = 0, depth = 0;
+    while (p < end && count <= limit) {
+        uint64_t tag, v;
+        if (rd_any_varint(&p, end, &tag) < 0)
+            break;
+        int wt = (int)(tag & 7);
+        if (wt == 0) {
+            if (rd_any_varint(&p, end, &v) < 0)
+                break;
+        }
+        else if (wt == 1 || wt == 5) {
+            Py_ssize_t n = wt == 1 ? 8 : 4;
+            if (end - p < n)
+                break;
+            p += n;
+        }
+        else if (wt == 2) {
+            if (rd_any_varint(&p, end, &v) < 0 || v > (uint64_t)(end - p))
+                break;
+            p += v;
+            if (depth == 0 && (tag >> 3) == 1)
+                count++;
+        }
+        else if (wt == 3)
+            depth++;
+        else if (wt == 4 && depth > 0)
+            depth--;
+        else
+            break;
+    }
+    PyBuffer_Release(&buf);
+    return PyLong_FromSsize_t(count);
+}
+
 /* -- the writer's rows --------------------------------------------------- */
 
 static void
@@ -1009,6 +1080,7 @@ static PyTypeObject DecoderType = {
 
 static PyMethodDef module_methods[] = {
     {"append_rows", append_rows, METH_VARARGS, append_rows_doc},
+    {"count_events", count_events, METH_VARARGS, count_events_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,3 +30,6 @@ def append_rows(
     items: Sequence[tuple[bytes, bytes]], first_seq: int, now_ms: int, /
 ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
     """The writer's dedupe rows and log rows for ``items`` (see _writer.py)."""
+
+def count_events(data: bytes, limit: int, /) -> int:
+    """The events of a serialized EventBatch, counted up to ``limit + 1``."""

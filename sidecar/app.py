@@ -25,6 +25,7 @@ from atlas_sidecar_client.pb import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sidecar._admission import CallAdmission
 from sidecar._aio import spawn
 from sidecar._compiled import compiled_reason
 from sidecar._grpc_errors import UndecodableRequestInterceptor
@@ -85,6 +86,13 @@ INGEST_SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_na
 _SERVICE_NAMES = (
     INGEST_SERVICE,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+    active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"].full_name,
+)
+#: The services inference servers call: each of their calls takes one of the
+#: server.max_concurrent_streams slots (admin and health calls do not).
+_PRODUCER_SERVICES = (
+    INGEST_SERVICE,
     control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
     active_learning_pb2.DESCRIPTOR.services_by_name["ActiveLearningService"].full_name,
 )
@@ -174,9 +182,15 @@ class SidecarApp:
         self.writer = StoreWriter(self.store, config.store)
         self.retention = Retention(self.store, self.writer, config.store)
         self.page_release = PageRelease(self.store, config.store.release_mapped_pages_seconds)
-        self.ingest = IngestServicer(self.writer, config.ingest, config.server)
+        self.ingest = IngestServicer(self.writer, config.ingest)
         self.handlers = AdminHandlers()
         self.handlers.status["ingest"] = self.ingest.status
+        self.admission = CallAdmission(
+            _PRODUCER_SERVICES,
+            max_calls=config.server.max_concurrent_streams,
+            max_per_peer=config.server.max_streams_per_peer,
+        )
+        self.handlers.status["admission"] = self.admission.status
         self.handlers.status["process"] = self.page_release.status
         self.handlers.status["auth"] = self.auth.status
         # -- control channel (sidecar/control): the desired state, reconciling
@@ -525,8 +539,8 @@ class SidecarApp:
         # that cannot be decoded answers INVALID_ARGUMENT naming the field.
         self.decode_errors = UndecodableRequestInterceptor()
         # Before it: a caller without the method's role is refused before its
-        # request is decoded.
-        interceptors = [self.decode_errors, *self.telemetry.grpc_interceptors()]
+        # request is decoded and before it takes one of the call slots.
+        interceptors = [self.decode_errors, self.admission, *self.telemetry.grpc_interceptors()]
         if self.auth.enabled:
             interceptors.insert(0, AuthInterceptor(self.auth, self.config.auth.open))
         server = grpc.aio.server(

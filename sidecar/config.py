@@ -114,8 +114,17 @@ class ServerConfig(_Section):
     # Largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED.
     # Bigger batches amortize per-message cost but hold more memory per stream.
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    # Open StreamEvents calls allowed at once; more get RESOURCE_EXHAUSTED.
+    # Producer calls in progress at once: StreamEvents, RecordEvents,
+    # ControlService.Connect and ShouldRequestFeedback all take a slot (admin
+    # and health calls do not); more get RESOURCE_EXHAUSTED. Higher admits
+    # more producers; each open stream can hold max_inflight_batches batches.
     max_concurrent_streams: int = Field(default=64, ge=1)
+    # Of those slots, how many one peer may hold (its address without the
+    # port; a Unix socket's peer string as grpc reports it). Lower keeps one
+    # runaway producer from starving the others; higher lets a single
+    # multi-worker server open more streams. Above max_concurrent_streams it
+    # adds no limit of its own.
+    max_streams_per_peer: int = Field(default=32, ge=1)
     # Seconds SIGTERM/SIGINT waits for in-flight batches to commit and ack.
     grace_seconds: float = Field(default=10.0, gt=0)
     # A listener serving only /metrics, open to anyone who reaches it, so
@@ -241,6 +250,20 @@ class IngestConfig(_Section):
     # Batches of one stream being committed at once. More hides commit latency
     # behind reading; fewer bounds memory per stream.
     max_inflight_batches: int = Field(default=64, ge=1)
+    # Events in one EventBatch; a larger batch answers INVALID_ARGUMENT before
+    # it is decoded. It bounds the memory and CPU one message can cost (a
+    # 4 MiB message of empty events is two million of them); the clients cut
+    # their batches at the same number. Higher amortizes more per message.
+    max_events_per_batch: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Rejections listed (index and reason) in one ack; the rest are counted in
+    # IngestAck.rejected_unlisted. Higher tells the producer more about a bad
+    # batch and makes its ack bigger (about 100 bytes per listed rejection).
+    max_rejections_per_ack: int = Field(default=1000, ge=0)
+    # A StreamEvents call that sends nothing for this long (with no batch
+    # waiting for its ack) is closed with UNAVAILABLE; the clients open a new
+    # one when they next have events. Shorter frees the slots of producers
+    # that went quiet sooner; longer saves reconnects for sparse producers.
+    stream_idle_seconds: float = Field(default=300.0, gt=0, le=86400)
 
 
 class TelemetryConfig(_Section):

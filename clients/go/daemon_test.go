@@ -28,6 +28,7 @@ type daemon struct {
 	port    int
 	dataDir string
 	logPath string
+	env     []string // KEY=value pairs added to the daemon's environment (config overrides)
 	cmd     *exec.Cmd
 }
 
@@ -80,6 +81,7 @@ func (d *daemon) start() {
 	}
 	defer logFile.Close()
 	cmd := exec.Command(d.bin, "serve", "--listen", d.target(), "--http-listen", "", "--data-dir", d.dataDir)
+	cmd.Env = append(os.Environ(), d.env...)
 	cmd.Stderr = logFile
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

@@ -12,7 +12,9 @@ import (
 	"github.com/google/uuid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/atlas-sidecar/atlas-sidecar/clients/go/atlassidecarv1"
@@ -28,14 +30,22 @@ const (
 	DropOldest
 )
 
+// MaxEventsPerBatch is the sidecar's default ingest.max_events_per_batch: a
+// larger batch is refused whole, so batches are never cut larger than this.
+const MaxEventsPerBatch = 10_000
+
 // EventStreamOptions tunes an EventStream. Zero values take the defaults.
 type EventStreamOptions struct {
 	// MaxQueue bounds the events waiting to be batched (default 100000):
 	// more memory buys more tolerance of a slow or absent sidecar.
 	MaxQueue int
 	// BatchSize is the most events per EventBatch (default 100): larger
-	// batches cost the sidecar less per event.
+	// batches cost the sidecar less per event. It is capped at
+	// MaxEventsPerBatch.
 	BatchSize int
+	// MaxEventsPerBatch caps BatchSize (default MaxEventsPerBatch); keep it at
+	// or below the sidecar's ingest.max_events_per_batch.
+	MaxEventsPerBatch int
 	// Linger is how long a partial batch waits for more events (default
 	// 5 ms): longer means fuller batches, later delivery.
 	Linger time.Duration
@@ -60,6 +70,10 @@ func (o EventStreamOptions) withDefaults() EventStreamOptions {
 	if o.BatchSize <= 0 {
 		o.BatchSize = 100
 	}
+	if o.MaxEventsPerBatch <= 0 {
+		o.MaxEventsPerBatch = MaxEventsPerBatch
+	}
+	o.BatchSize = min(o.BatchSize, o.MaxEventsPerBatch)
 	if o.Linger <= 0 {
 		o.Linger = 5 * time.Millisecond
 	}
@@ -83,9 +97,12 @@ type EventStreamStats struct {
 	AckedEvents uint64 // events the sidecar acked as durable
 	Accepted    uint64 // stored by the sidecar
 	Duplicates  uint64 // already stored (a resend after a lost ack)
-	Rejected    uint64 // refused by the sidecar's validation
-	Reconnects  uint64
-	LastError   string
+	Rejected    uint64 // refused by the sidecar (per event, or with their batch); never resent
+	// RejectedBatches counts batches the sidecar refused whole
+	// (INVALID_ARGUMENT); their events are in Rejected and were dropped.
+	RejectedBatches uint64
+	Reconnects      uint64
+	LastError       string
 }
 
 // ErrClosed is returned by Flush after Close.
@@ -100,6 +117,12 @@ var ErrClosed = errors.New("atlassidecar: event stream closed")
 // them as durable and are resent after a reconnect with the same event ids,
 // so the sidecar stores each event exactly once. When the queue is full the
 // drop policy applies and Stats().Dropped counts it.
+//
+// Rejections are permanent: rejected events, and batches the sidecar refuses
+// whole with INVALID_ARGUMENT, are counted and never resent; transient
+// failures (UNAVAILABLE, RESOURCE_EXHAUSTED, ...) are retried with backoff.
+// A stream is opened only when there is something to send, so one the
+// sidecar closed for being idle comes back with the next event.
 //
 // All methods are safe for concurrent use.
 type EventStream struct {
@@ -128,6 +151,7 @@ type EventStream struct {
 
 	recorded, dropped, sentBatches, ackedEvents atomic.Uint64
 	accepted, duplicates, rejected, reconnects  atomic.Uint64
+	rejectedBatches                             atomic.Uint64
 	lastError                                   atomic.Value
 }
 
@@ -242,6 +266,8 @@ func (s *EventStream) Stats() EventStreamStats {
 		Rejected:    s.rejected.Load(),
 		Reconnects:  s.reconnects.Load(),
 		LastError:   s.lastError.Load().(string),
+
+		RejectedBatches: s.rejectedBatches.Load(),
 	}
 }
 
@@ -390,12 +416,21 @@ func (s *EventStream) connLoop() {
 	defer s.wg.Done()
 	delay := s.opts.BackoffInitial
 	for s.ctx.Err() == nil {
+		if !s.waitForWork() {
+			return
+		}
 		gotAck, err := s.runStream()
 		if s.ctx.Err() != nil {
 			return
 		}
 		if err != nil {
 			s.lastError.Store(err.Error())
+		}
+		if status.Code(err) == codes.InvalidArgument {
+			// The oldest unacked batch is the refused one (acks come in
+			// order); resending it would be refused again.
+			s.dropRefused()
+			gotAck = true
 		}
 		if gotAck {
 			delay = s.opts.BackoffInitial
@@ -408,6 +443,35 @@ func (s *EventStream) connLoop() {
 		}
 		delay = min(delay*2, s.opts.BackoffMax)
 	}
+}
+
+// waitForWork waits until a batch is waiting to be sent; false once stopped.
+func (s *EventStream) waitForWork() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for len(s.unacked) == 0 {
+		if !s.waitLocked(s.ctx) {
+			return false
+		}
+	}
+	return true
+}
+
+// dropRefused counts and drops the oldest unacked batch, which the sidecar
+// refused whole.
+func (s *EventStream) dropRefused() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.unacked) == 0 {
+		return
+	}
+	n := len(s.unacked[0].Events)
+	s.unacked[0] = nil
+	s.unacked = s.unacked[1:]
+	s.rejected.Add(uint64(n))
+	s.rejectedBatches.Add(1)
+	s.pending.Add(int64(-n))
+	s.notifyLocked()
 }
 
 // runStream runs one StreamEvents call until it fails or the stream stops.
@@ -467,7 +531,7 @@ func (s *EventStream) runStream() (gotAck bool, err error) {
 }
 
 func (s *EventStream) retire(ack *pb.IngestAck) {
-	rejected := uint64(len(ack.GetRejected()))
+	rejected := uint64(len(ack.GetRejected())) + uint64(ack.GetRejectedUnlisted())
 	s.accepted.Add(uint64(ack.GetAccepted()))
 	s.duplicates.Add(uint64(ack.GetDuplicates()))
 	s.rejected.Add(rejected)

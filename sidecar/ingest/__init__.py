@@ -4,7 +4,9 @@ from sidecar.ingest._decode import (
     NOT_AN_EVENT,
     BatchDecodeError,
     BatchDecoder,
+    BatchTooLargeError,
     DecodedBatch,
+    count_events,
     split_batch,
 )
 from sidecar.ingest._service import BatchInfo, BatchObserver, BatchStart, IngestServicer
@@ -17,8 +19,10 @@ __all__ = [
     "BatchInfo",
     "BatchObserver",
     "BatchStart",
+    "BatchTooLargeError",
     "DecodedBatch",
     "EventValidator",
     "IngestServicer",
+    "count_events",
     "split_batch",
 ]

@@ -11,7 +11,10 @@ When the extension is missing (or ``ATLAS_SIDECAR_PURE_PYTHON=1``, see
 An event that is not a valid ``Event`` (its bytes do not parse, or a string
 field is not valid UTF-8) is rejected alone. A message that is not an
 ``EventBatch`` at all raises :class:`BatchDecodeError`, answered with
-``INVALID_ARGUMENT``.
+``INVALID_ARGUMENT``; so does a batch of more than
+``ingest.max_events_per_batch`` events (:class:`BatchTooLargeError`), found
+by counting the batch's tags before anything is decoded, so such a batch
+costs no more memory than its own bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Literal
 from atlas_sidecar_client.pb import events_pb2
 from google.protobuf.message import DecodeError
 
-from sidecar._compiled import compiled_decoder, compiled_reason
+from sidecar._compiled import compiled_decoder, compiled_reason, event_counter
 from sidecar._wire import read_varint
 from sidecar.config import IngestConfig
 from sidecar.errors import SidecarError
@@ -32,7 +35,9 @@ __all__ = [
     "NOT_AN_EVENT",
     "BatchDecodeError",
     "BatchDecoder",
+    "BatchTooLargeError",
     "DecodedBatch",
+    "count_events",
     "split_batch",
 ]
 
@@ -42,6 +47,16 @@ NOT_AN_EVENT = "event: not a valid Event message"
 
 class BatchDecodeError(SidecarError, ValueError):
     """The message is not a valid EventBatch; the text says where."""
+
+
+class BatchTooLargeError(BatchDecodeError):
+    """The batch has more events than ``ingest.max_events_per_batch``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"events: more than {limit} in one EventBatch"
+            f" (ingest.max_events_per_batch={limit}); send smaller batches"
+        )
 
 
 @dataclass(slots=True)
@@ -63,6 +78,7 @@ class BatchDecoder:
         switched off (``sidecar/_compiled.py``); True requires it (ImportError
         otherwise); False takes the Python path."""
         self._validator = EventValidator(config)
+        self._max_events = config.max_events_per_batch
         native = compiled_decoder() if compiled is not False else None
         if compiled and native is None:
             raise ImportError(compiled_reason())
@@ -80,6 +96,7 @@ class BatchDecoder:
             if native is not None
             else None
         )
+        self._count = (event_counter() if native is not None else None) or count_events
 
     @property
     def path(self) -> Literal["compiled", "python"]:
@@ -87,7 +104,10 @@ class BatchDecoder:
         return "compiled" if self._fast is not None else "python"
 
     def decode(self, raw: bytes) -> DecodedBatch:
-        """Splits a serialized EventBatch. Raises BatchDecodeError."""
+        """Splits a serialized EventBatch. Raises BatchDecodeError
+        (BatchTooLargeError, before decoding, for a batch over the cap)."""
+        if self._count(raw, self._max_events) > self._max_events:
+            raise BatchTooLargeError(self._max_events)
         fast = self._fast
         if fast is None:
             return self._decode_python(raw)
@@ -104,6 +124,8 @@ class BatchDecoder:
 
     def decode_message(self, batch: events_pb2.EventBatch) -> DecodedBatch:
         """The same for a batch that is already parsed (in-process callers)."""
+        if len(batch.events) > self._max_events:
+            raise BatchTooLargeError(self._max_events)
         check = self._validator.check
         items: list[tuple[bytes, bytes]] = []
         rejected: list[tuple[int, str]] = []
@@ -167,6 +189,38 @@ class BatchDecoder:
 def _upb_reason(exc: DecodeError) -> str:
     # "Error parsing message with type 'atlas.sidecar.v1.Event': Wire format was corrupt"
     return str(exc).rsplit(": ", 1)[-1] or "does not parse"
+
+
+def count_events(raw: bytes, limit: int) -> int:
+    """The events (field 1, length-delimited, outside any group) of a
+    serialized EventBatch, counted from its tags and lengths alone. Stops at
+    ``limit + 1``, and where the framing breaks (decoding reports that)."""
+    count = depth = pos = 0
+    end = len(raw)
+    try:
+        while pos < end and count <= limit:
+            tag, pos = read_varint(raw, pos)
+            wire = tag & 7
+            if wire == 0:
+                _, pos = read_varint(raw, pos)
+            elif wire == 1 or wire == 5:
+                pos += 8 if wire == 1 else 4
+            elif wire == 2:
+                length, pos = read_varint(raw, pos)
+                pos += length
+                if pos > end:
+                    break
+                if depth == 0 and tag >> 3 == 1:
+                    count += 1
+            elif wire == 3:
+                depth += 1
+            elif wire == 4 and depth > 0:
+                depth -= 1
+            else:
+                break
+    except IndexError:
+        pass
+    return count
 
 
 def split_batch(raw: bytes) -> list[bytes]:

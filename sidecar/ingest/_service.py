@@ -13,7 +13,7 @@ import grpc
 from atlas_sidecar_client.pb import events_pb2, ingest_pb2, ingest_pb2_grpc
 
 from sidecar._aio import spawn
-from sidecar.config import IngestConfig, ServerConfig
+from sidecar.config import IngestConfig
 from sidecar.errors import StoreError, StoreFullError
 from sidecar.ingest._decode import BatchDecodeError, BatchDecoder, DecodedBatch
 from sidecar.store import IngestResult, StoreWriter
@@ -57,21 +57,27 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     bytes undecoded, and :class:`BatchDecoder` splits and checks them (the
     compiled path stores each event's bytes as the client sent them). A
     message that is not an EventBatch answers ``INVALID_ARGUMENT`` naming
-    the byte offset.
+    the byte offset, and so does a batch over ``ingest.max_events_per_batch``
+    (before it is decoded). An ack lists at most
+    ``ingest.max_rejections_per_ack`` rejections and counts the rest in
+    ``rejected_unlisted``. A stream that sends nothing for
+    ``ingest.stream_idle_seconds`` while no batch awaits its ack is closed
+    with ``UNAVAILABLE``. How many calls may be open at once is not decided
+    here but by :class:`sidecar._admission.CallAdmission`.
     """
 
     def __init__(
         self,
         writer: StoreWriter,
         ingest: IngestConfig,
-        server: ServerConfig,
         *,
         decoder: BatchDecoder | None = None,
     ) -> None:
         self._writer = writer
         self.decoder = decoder or BatchDecoder(ingest)
         self._max_inflight = ingest.max_inflight_batches
-        self._max_streams = server.max_concurrent_streams
+        self._max_listed = ingest.max_rejections_per_ack
+        self._idle_seconds = ingest.stream_idle_seconds
         self._observers: list[BatchObserver] = []
         self._batch_start: BatchStart | None = None
         self._draining = asyncio.Event()
@@ -127,15 +133,18 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         on_commit = self._batch_start(info) if self._batch_start is not None else None
         fut = self._writer.submit_events_async(decoded.items, len(decoded.rejected), on_commit)
         rejected = decoded.rejected
+        listed = rejected[: self._max_listed]
+        unlisted = len(rejected) - len(listed)
 
         async def finish() -> events_pb2.IngestAck:
             result: IngestResult = await fut
             ack = events_pb2.IngestAck(
                 accepted=result.accepted,
                 duplicates=result.duplicates,
-                rejected=[events_pb2.Rejection(index=i, reason=r) for i, r in rejected]
-                if rejected
+                rejected=[events_pb2.Rejection(index=i, reason=r) for i, r in listed]
+                if listed
                 else None,
+                rejected_unlisted=unlisted,
             )
             if self._observers:
                 elapsed = loop.time() - started
@@ -179,19 +188,22 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> AsyncIterator[events_pb2.IngestAck]:
         if self._draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "sidecar is shutting down")
-        if self.open_streams >= self._max_streams:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many open ingest streams (server.max_concurrent_streams={self._max_streams})",
-            )
         self.open_streams += 1
         pending: asyncio.Queue[Callable[[], Awaitable[events_pb2.IngestAck]] | None] = (
             asyncio.Queue(self._max_inflight)
         )
+        loop = asyncio.get_running_loop()
+        # Batches read and not yet acked; the stream is idle only at zero.
+        unacked = 0
+        last_active = loop.time()
+        idle = False
 
         async def read() -> None:
+            nonlocal unacked, last_active
             try:
                 async for request in request_iterator:
+                    unacked += 1
+                    last_active = loop.time()
                     try:
                         submitted = self._submit(request)
                     except BatchDecodeError as exc:
@@ -201,9 +213,23 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             finally:
                 await pending.put(None)
 
+        async def watch_idle() -> None:
+            # Ends the read side of a stream that went quiet, the same way
+            # drain does; the handler then closes it with UNAVAILABLE.
+            nonlocal idle
+            while True:
+                quiet_for = loop.time() - last_active
+                if unacked == 0 and quiet_for >= self._idle_seconds:
+                    idle = True
+                    reader.cancel()
+                    return
+                await asyncio.sleep(max(self._idle_seconds - quiet_for, self._idle_seconds / 10))
+
         reader = spawn(read(), stage="ingest", name="read", awaited=True)
         drain_wait = spawn(self._draining.wait(), stage="ingest", name="drain", awaited=True)
+        idle_wait = spawn(watch_idle(), stage="ingest", name="idle", awaited=True)
         reader.add_done_callback(lambda _t: drain_wait.cancel())
+        reader.add_done_callback(lambda _t: idle_wait.cancel())
         drain_wait.add_done_callback(lambda t: None if t.cancelled() else reader.cancel())
         try:
             while True:
@@ -216,12 +242,21 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 except StoreError as exc:
                     await self._abort_for(context, exc)
+                unacked -= 1
+                last_active = loop.time()
                 yield ack
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            if idle:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"ingest stream closed after {self._idle_seconds:g} s without a batch"
+                    " (ingest.stream_idle_seconds); open a new one to send more",
+                )
         finally:
             self.open_streams -= 1
             drain_wait.cancel()
+            idle_wait.cancel()
             if not reader.done():
                 reader.cancel()
 

@@ -259,7 +259,7 @@ class Telemetry:
         i = self.instruments
         if i is None:
             return
-        rejected = len(ack.rejected)
+        rejected = len(ack.rejected) + ack.rejected_unlisted
         counts = self._ingest_counts
         counts[0] += ack.accepted
         counts[1] += ack.duplicates

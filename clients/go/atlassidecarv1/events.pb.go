@@ -617,17 +617,20 @@ func (x *Rejection) GetReason() string {
 }
 
 // IngestAck answers one EventBatch, only after the batch is durable.
-// accepted + duplicates + len(rejected) == len(batch.events).
+// accepted + duplicates + len(rejected) + rejected_unlisted == len(batch.events).
 type IngestAck struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Events stored by this batch.
 	Accepted uint32 `protobuf:"varint,1,opt,name=accepted,proto3" json:"accepted,omitempty"`
 	// Events whose event_id was already stored (not stored again).
 	Duplicates uint32 `protobuf:"varint,2,opt,name=duplicates,proto3" json:"duplicates,omitempty"`
-	// Events refused; the rest of the batch is stored regardless.
-	Rejected      []*Rejection `protobuf:"bytes,3,rep,name=rejected,proto3" json:"rejected,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Events refused; the rest of the batch is stored regardless. At most
+	// ingest.max_rejections_per_ack of them are listed, lowest index first.
+	Rejected []*Rejection `protobuf:"bytes,3,rep,name=rejected,proto3" json:"rejected,omitempty"`
+	// Events refused beyond those listed in rejected (counted, not listed).
+	RejectedUnlisted uint32 `protobuf:"varint,4,opt,name=rejected_unlisted,json=rejectedUnlisted,proto3" json:"rejected_unlisted,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *IngestAck) Reset() {
@@ -679,6 +682,13 @@ func (x *IngestAck) GetRejected() []*Rejection {
 		return x.Rejected
 	}
 	return nil
+}
+
+func (x *IngestAck) GetRejectedUnlisted() uint32 {
+	if x != nil {
+		return x.RejectedUnlisted
+	}
+	return 0
 }
 
 var File_atlas_sidecar_v1_events_proto protoreflect.FileDescriptor
@@ -741,13 +751,14 @@ const file_atlas_sidecar_v1_events_proto_rawDesc = "" +
 	"\x06events\x18\x01 \x03(\v2\x17.atlas.sidecar.v1.EventR\x06events\"9\n" +
 	"\tRejection\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x80\x01\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\xad\x01\n" +
 	"\tIngestAck\x12\x1a\n" +
 	"\baccepted\x18\x01 \x01(\rR\baccepted\x12\x1e\n" +
 	"\n" +
 	"duplicates\x18\x02 \x01(\rR\n" +
 	"duplicates\x127\n" +
-	"\brejected\x18\x03 \x03(\v2\x1b.atlas.sidecar.v1.RejectionR\brejected*@\n" +
+	"\brejected\x18\x03 \x03(\v2\x1b.atlas.sidecar.v1.RejectionR\brejected\x12+\n" +
+	"\x11rejected_unlisted\x18\x04 \x01(\rR\x10rejectedUnlisted*@\n" +
 	"\x04Role\x12\x14\n" +
 	"\x10ROLE_UNSPECIFIED\x10\x00\x12\v\n" +
 	"\aPRIMARY\x10\x01\x12\n" +

@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 
 DropPolicy = Literal["drop_newest", "drop_oldest"]
 
-#: gRPC codes after which the sender reconnects and resends; anything else is
-#: also retried (the sidecar dedupes), but logged as unexpected.
+#: The sidecar's default ``ingest.max_events_per_batch``: a larger batch is
+#: refused whole, so batches are never cut larger than this.
+MAX_EVENTS_PER_BATCH = 10_000
+
+#: gRPC codes after which the sender reconnects and resends; anything else but
+#: INVALID_ARGUMENT is also retried (the sidecar dedupes), but logged as
+#: unexpected. INVALID_ARGUMENT refuses the batch itself, for good: it is
+#: counted in ``rejected`` and ``rejected_batches`` and dropped, never resent.
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -60,6 +66,9 @@ class EventStreamStats:
     accepted: int = 0
     duplicates: int = 0
     rejected: int = 0
+    #: Batches the sidecar refused whole (INVALID_ARGUMENT); their events are
+    #: counted in ``rejected`` and were not resent.
+    rejected_batches: int = 0
     reconnects: int = 0
     last_error: str = ""
 
@@ -80,6 +89,14 @@ class EventStream:
     same event ids, so the sidecar stores each exactly once. When the queue is
     full the drop policy applies and ``stats.dropped`` counts it.
 
+    A batch holds at most ``max_events_per_batch`` events (keep it at or below
+    the sidecar's ``ingest.max_events_per_batch``). Rejections are permanent:
+    rejected events and batches the sidecar refuses whole (INVALID_ARGUMENT)
+    are counted in ``stats`` and never resent; transient failures
+    (UNAVAILABLE, RESOURCE_EXHAUSTED, ...) are retried with backoff. The
+    stream is opened when there is something to send, and opened again after
+    the sidecar closes it for being idle.
+
     Works from plain threads and from asyncio (``await stream.aflush()``)::
 
         stream = EventStream("127.0.0.1:50051")
@@ -96,6 +113,7 @@ class EventStream:
         batch_size: int = 100,
         linger_ms: float = 5.0,
         max_inflight_batches: int = 256,
+        max_events_per_batch: int = MAX_EVENTS_PER_BATCH,
         drop_policy: DropPolicy = "drop_newest",
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
@@ -106,6 +124,8 @@ class EventStream:
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if max_events_per_batch < 1:
+            raise ValueError("max_events_per_batch must be >= 1")
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
         if drop_policy not in ("drop_newest", "drop_oldest"):
@@ -113,7 +133,7 @@ class EventStream:
         self.target = target
         self.stats = EventStreamStats()
         self._max_queue = max_queue
-        self._batch_size = batch_size
+        self._batch_size = min(batch_size, max_events_per_batch)
         self._linger = linger_ms / 1000.0
         self._max_inflight = max_inflight_batches
         self._drop_oldest = drop_policy == "drop_oldest"
@@ -392,17 +412,27 @@ class EventStream:
                 if not events:
                     continue
                 batch = events_pb2.EventBatch(events=events)
-                with self._lock:
+                with self._progress:
                     self._unacked.append(batch)
                     if self._outbox is not None:
                         self._outbox.put(batch)
+                    self._progress.notify_all()
                 self.stats.sent_batches += 1
 
     # -- background: the stream ------------------------------------------
 
+    def _wait_for_work(self) -> bool:
+        """Waits until a batch is waiting to be sent; False once closed."""
+        with self._progress:
+            while not self._unacked:
+                if self._closed.is_set():
+                    return False
+                self._progress.wait(0.5)
+        return not self._closed.is_set()
+
     def _conn_loop(self) -> None:
         delay = self._backoff[0]
-        while not self._closed.is_set():
+        while self._wait_for_work():
             outbox = _Outbox()
             with self._lock:
                 for batch in self._unacked:
@@ -424,7 +454,12 @@ class EventStream:
                 self.stats.last_error = (
                     f"{code.name}: {exc.details() if hasattr(exc, 'details') else exc}"
                 )
-                if code in REFUSED:
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    # The oldest unacked batch is the refused one (acks come in
+                    # order); resending it would be refused again.
+                    self._drop_refused()
+                    delay = self._backoff[0]
+                elif code in REFUSED:
                     # Wrong or missing token: say so once, keep the events
                     # queued, and retry at the slowest pace until it is fixed.
                     if not self._refused_logged:
@@ -449,14 +484,24 @@ class EventStream:
             self._closed.wait(random.uniform(0, delay))
             delay = min(delay * 2, self._backoff[1])
 
+    def _drop_refused(self) -> None:
+        with self._progress:
+            if not self._unacked:
+                return
+            batch = self._unacked.popleft()
+            self.stats.rejected += len(batch.events)
+            self.stats.rejected_batches += 1
+            self._progress.notify_all()
+
     def _handle_ack(self, ack: events_pb2.IngestAck) -> None:
         with self._progress:
             batch = self._unacked.popleft() if self._unacked else None
             st = self.stats
+            rejected = len(ack.rejected) + ack.rejected_unlisted
             st.accepted += ack.accepted
             st.duplicates += ack.duplicates
-            st.rejected += len(ack.rejected)
-            st.acked_events += ack.accepted + ack.duplicates + len(ack.rejected)
+            st.rejected += rejected
+            st.acked_events += ack.accepted + ack.duplicates + rejected
             self._progress.notify_all()
         if batch is not None and self._on_ack is not None:
             try:

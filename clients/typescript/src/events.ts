@@ -5,6 +5,7 @@ import {
   credentials as grpcCredentials,
   Metadata,
   type ServiceError,
+  status as grpcStatus,
 } from "@grpc/grpc-js";
 import { randomFillSync } from "node:crypto";
 
@@ -19,14 +20,22 @@ import {
 } from "./gen/atlas/sidecar/v1/events.js";
 import { IngestServiceClient } from "./gen/atlas/sidecar/v1/ingest.js";
 
+/**
+ * The sidecar's default `ingest.max_events_per_batch`: a larger batch is
+ * refused whole, so batches are never cut larger than this.
+ */
+export const MAX_EVENTS_PER_BATCH = 10_000;
+
 /** Which event is lost when the queue is full. */
 export type DropPolicy = "drop_newest" | "drop_oldest";
 
 export interface EventStreamOptions {
   /** Bound on events waiting to be batched (default 100000): more memory buys more tolerance of an absent sidecar. */
   maxQueue?: number;
-  /** Most events per EventBatch (default 100): larger batches cost the sidecar less per event. */
+  /** Most events per EventBatch (default 100): larger batches cost the sidecar less per event. Capped at `maxEventsPerBatch`. */
   batchSize?: number;
+  /** Cap on `batchSize` (default MAX_EVENTS_PER_BATCH); keep it at or below the sidecar's `ingest.max_events_per_batch`. */
+  maxEventsPerBatch?: number;
   /** How long a partial batch waits for more events (default 5 ms): longer means fuller batches, later delivery. */
   lingerMs?: number;
   /** Bound on batches sent and not yet acked (default 256); past it the queue fills and the drop policy applies. */
@@ -56,8 +65,10 @@ export interface EventStreamStats {
   accepted: number;
   /** Already stored (a resend after a lost ack). */
   duplicates: number;
-  /** Refused by the sidecar's validation. */
+  /** Refused by the sidecar (per event, or with their batch); never resent. */
   rejected: number;
+  /** Batches the sidecar refused whole (INVALID_ARGUMENT); their events are in `rejected` and were dropped. */
+  rejectedBatches: number;
   reconnects: number;
   lastError: string;
 }
@@ -139,6 +150,12 @@ type Waiter = () => void;
  * the same event ids, so the sidecar stores each event exactly once. When the
  * queue is full the drop policy applies and `stats.dropped` counts it.
  *
+ * Rejections are permanent: rejected events, and batches the sidecar refuses
+ * whole with INVALID_ARGUMENT, are counted and never resent; transient
+ * failures (UNAVAILABLE, RESOURCE_EXHAUSTED, ...) are retried with backoff. A
+ * stream is opened only when there is something to send, so one the sidecar
+ * closed for being idle comes back with the next event.
+ *
  * While connected the stream keeps the process alive: call `close()` on exit.
  */
 export class EventStream {
@@ -151,6 +168,7 @@ export class EventStream {
     accepted: 0,
     duplicates: 0,
     rejected: 0,
+    rejectedBatches: 0,
     reconnects: 0,
     lastError: "",
   };
@@ -180,7 +198,10 @@ export class EventStream {
   constructor(target: string, options: EventStreamOptions = {}) {
     this.target = target;
     this.maxQueue = positive("maxQueue", options.maxQueue, 100_000);
-    this.batchSize = positive("batchSize", options.batchSize, 100);
+    this.batchSize = Math.min(
+      positive("batchSize", options.batchSize, 100),
+      positive("maxEventsPerBatch", options.maxEventsPerBatch, MAX_EVENTS_PER_BATCH),
+    );
     this.lingerMs = positive("lingerMs", options.lingerMs, 5);
     this.maxInflight = positive("maxInflightBatches", options.maxInflightBatches, 256);
     const policy = options.dropPolicy ?? "drop_newest";
@@ -381,13 +402,22 @@ export class EventStream {
     this.call = call;
     this.sent = 0;
     let finished = false;
-    const finish = (why: string): void => {
+    const finish = (why: string, code?: number): void => {
       if (finished) {
         return;
       }
       finished = true;
       if (this.call !== call) {
         return; // closed, or already replaced
+      }
+      if (code === grpcStatus.INVALID_ARGUMENT && this.sent > 0) {
+        // The oldest unacked batch is the refused one (acks come in order);
+        // resending it would be refused again.
+        const refused = this.unacked.shift() as EventBatch;
+        this.stats.rejected += refused.events.length;
+        this.stats.rejectedBatches++;
+        this.backoffMs = this.backoffInitialMs;
+        this.notify();
       }
       this.call = undefined;
       this.sent = 0;
@@ -415,7 +445,7 @@ export class EventStream {
         this.retire(ack);
       }
     });
-    call.on("error", (err: ServiceError) => finish(`${err.code}: ${err.details || err.message}`));
+    call.on("error", (err: ServiceError) => finish(`${err.code}: ${err.details || err.message}`, err.code));
     call.on("end", () => finish("stream ended by the sidecar"));
     this.pump();
   }
@@ -425,7 +455,7 @@ export class EventStream {
     const s = this.stats;
     s.accepted += ack.accepted;
     s.duplicates += ack.duplicates;
-    s.rejected += ack.rejected.length;
+    s.rejected += ack.rejected.length + ack.rejectedUnlisted;
     const batch = this.unacked.shift();
     if (batch !== undefined) {
       s.ackedEvents += batch.events.length;

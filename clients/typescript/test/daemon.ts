@@ -41,6 +41,9 @@ export class Daemon {
   private readonly dir: string;
   private readonly bin: string;
 
+  /** Added to the daemon's environment: config overrides (ATLAS_SIDECAR__SECTION__KEY). */
+  env: Record<string, string> = {};
+
   private constructor(readonly port: number) {
     this.bin = sidecarBinary();
     this.dir = mkdtempSync(join(tmpdir(), "atlas-sidecar-ts-"));
@@ -64,7 +67,7 @@ export class Daemon {
     const proc = spawn(
       this.bin,
       ["serve", "--listen", this.target, "--http-listen", "", "--data-dir", join(this.dir, "data")],
-      { stdio: ["ignore", "pipe", log] },
+      { stdio: ["ignore", "pipe", log], env: { ...process.env, ...this.env } },
     );
     closeSync(log);
     this.proc = proc;

@@ -346,7 +346,7 @@ Global___Rejection: _TypeAlias = Rejection  # noqa: Y015
 @_typing.final
 class IngestAck(_message.Message):
     """IngestAck answers one EventBatch, only after the batch is durable.
-    accepted + duplicates + len(rejected) == len(batch.events).
+    accepted + duplicates + len(rejected) + rejected_unlisted == len(batch.events).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -354,13 +354,18 @@ class IngestAck(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
+    REJECTED_UNLISTED_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
     """Events stored by this batch."""
     duplicates: _builtins.int
     """Events whose event_id was already stored (not stored again)."""
+    rejected_unlisted: _builtins.int
+    """Events refused beyond those listed in rejected (counted, not listed)."""
     @_builtins.property
     def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rejection]:
-        """Events refused; the rest of the batch is stored regardless."""
+        """Events refused; the rest of the batch is stored regardless. At most
+        ingest.max_rejections_per_ack of them are listed, lowest index first.
+        """
 
     def __init__(
         self,
@@ -368,10 +373,11 @@ class IngestAck(_message.Message):
         accepted: _builtins.int = ...,
         duplicates: _builtins.int = ...,
         rejected: _abc.Iterable[Global___Rejection] | None = ...,
+        rejected_unlisted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected", "rejected_unlisted", b"rejected_unlisted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

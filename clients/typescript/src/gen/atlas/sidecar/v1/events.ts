@@ -244,15 +244,20 @@ export interface Rejection {
 
 /**
  * IngestAck answers one EventBatch, only after the batch is durable.
- * accepted + duplicates + len(rejected) == len(batch.events).
+ * accepted + duplicates + len(rejected) + rejected_unlisted == len(batch.events).
  */
 export interface IngestAck {
   /** Events stored by this batch. */
   accepted: number;
   /** Events whose event_id was already stored (not stored again). */
   duplicates: number;
-  /** Events refused; the rest of the batch is stored regardless. */
+  /**
+   * Events refused; the rest of the batch is stored regardless. At most
+   * ingest.max_rejections_per_ack of them are listed, lowest index first.
+   */
   rejected: Rejection[];
+  /** Events refused beyond those listed in rejected (counted, not listed). */
+  rejectedUnlisted: number;
 }
 
 function createBaseEvent(): Event {
@@ -1290,7 +1295,7 @@ export const Rejection: MessageFns<Rejection> = {
 };
 
 function createBaseIngestAck(): IngestAck {
-  return { accepted: 0, duplicates: 0, rejected: [] };
+  return { accepted: 0, duplicates: 0, rejected: [], rejectedUnlisted: 0 };
 }
 
 export const IngestAck: MessageFns<IngestAck> = {
@@ -1303,6 +1308,9 @@ export const IngestAck: MessageFns<IngestAck> = {
     }
     for (const v of message.rejected) {
       Rejection.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.rejectedUnlisted !== 0) {
+      writer.uint32(32).uint32(message.rejectedUnlisted);
     }
     return writer;
   },
@@ -1344,6 +1352,14 @@ export const IngestAck: MessageFns<IngestAck> = {
             message.rejected.push(Rejection.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.rejectedUnlisted = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1363,6 +1379,11 @@ export const IngestAck: MessageFns<IngestAck> = {
       rejected: globalThis.Array.isArray(object?.rejected)
         ? object.rejected.map((e: any) => Rejection.fromJSON(e))
         : [],
+      rejectedUnlisted: isSet(object.rejectedUnlisted)
+        ? globalThis.Number(object.rejectedUnlisted)
+        : isSet(object.rejected_unlisted)
+        ? globalThis.Number(object.rejected_unlisted)
+        : 0,
     };
   },
 
@@ -1377,6 +1398,9 @@ export const IngestAck: MessageFns<IngestAck> = {
     if (message.rejected?.length) {
       obj.rejected = message.rejected.map((e) => Rejection.toJSON(e));
     }
+    if (message.rejectedUnlisted !== 0) {
+      obj.rejectedUnlisted = Math.round(message.rejectedUnlisted);
+    }
     return obj;
   },
 
@@ -1388,6 +1412,7 @@ export const IngestAck: MessageFns<IngestAck> = {
     message.accepted = object.accepted ?? 0;
     message.duplicates = object.duplicates ?? 0;
     message.rejected = object.rejected?.map((e) => Rejection.fromPartial(e)) || [];
+    message.rejectedUnlisted = object.rejectedUnlisted ?? 0;
     return message;
   },
 };
