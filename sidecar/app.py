@@ -189,6 +189,7 @@ class SidecarApp:
             _PRODUCER_SERVICES,
             max_calls=config.server.max_concurrent_streams,
             max_per_peer=config.server.max_streams_per_peer,
+            identity=self._token_name if self.auth.enabled else None,
         )
         self.handlers.status["admission"] = self.admission.status
         self.handlers.status["process"] = self.page_release.status
@@ -407,6 +408,10 @@ class SidecarApp:
             server_ids=[self.config.control.adapter.server_id],
         )
         return token
+
+    def _token_name(self, context: grpc.aio.ServicerContext) -> str | None:
+        who = self.auth.identity_of(context.invocation_metadata())
+        return who.name if who is not None else None
 
     def _may_claim(self, context: grpc.aio.ServicerContext, server_id: str) -> str | None:
         who = self.auth.identity_of(context.invocation_metadata())

@@ -120,7 +120,8 @@ class ServerConfig(_Section):
     # more producers; each open stream can hold max_inflight_batches batches.
     max_concurrent_streams: int = Field(default=64, ge=1)
     # Of those slots, how many one peer may hold (its address without the
-    # port; a Unix socket's peer string as grpc reports it). Lower keeps one
+    # port; a Unix socket's peer string as grpc reports it; with auth on, the
+    # caller's token, since pod clients share loopback). Lower keeps one
     # runaway producer from starving the others; higher lets a single
     # multi-worker server open more streams. Above max_concurrent_streams it
     # adds no limit of its own.

@@ -11,7 +11,14 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc, control_pb2, control_pb2_grpc
+from atlas_sidecar_client.pb import (
+    admin_pb2,
+    admin_pb2_grpc,
+    control_pb2,
+    control_pb2_grpc,
+    events_pb2,
+    ingest_pb2_grpc,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.app import SidecarApp
@@ -332,3 +339,48 @@ async def test_a_client_admin_call_through_the_cli_channel_sends_its_token(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await admin_pb2_grpc.AdminServiceStub(ch).GetStatus(admin_pb2.GetStatusRequest())
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_with_auth_each_token_is_a_producer_of_its_own(tmp_path: Path) -> None:
+    """On loopback every client shares one address; the token tells producers apart."""
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens = write_tokens(tokens_file, {"pod-a": (["ingest"], []), "pod-b": (["ingest"], [])})
+    app = SidecarApp(
+        make_config(
+            tmp_path / "data",
+            server={"max_concurrent_streams": 10, "max_streams_per_peer": 2},
+            auth={"tokens_file": str(tokens_file)},
+        )
+    )
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(_grpc_target(app)) as ch:
+            stub = ingest_pb2_grpc.IngestServiceStub(ch)
+            held = []
+            for i in range(2):
+                call = stub.StreamEvents(metadata=_md(tokens["pod-a"]))
+                await call.write(events_pb2.EventBatch(events=[_event(f"a{i}")]))
+                assert (await call.read()).accepted == 1
+                held.append(call)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.RecordEvents(
+                    events_pb2.EventBatch(events=[_event("a2")]), metadata=_md(tokens["pod-a"])
+                )
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "token:pod-a" in (err.value.details() or "")
+            # The other producer, from the same address, still gets its slots.
+            ack = await stub.RecordEvents(
+                events_pb2.EventBatch(events=[_event("b0")]), metadata=_md(tokens["pod-b"])
+            )
+            assert ack.accepted == 1
+            for call in held:
+                call.cancel()
+    finally:
+        await app.shutdown()
+
+
+def _event(event_id: str) -> events_pb2.Event:
+    return events_pb2.Event(
+        event_id=event_id,
+        inference=events_pb2.Inference(request_id=event_id, model_version="v1"),
+    )
