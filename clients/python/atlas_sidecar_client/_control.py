@@ -320,8 +320,16 @@ class ControlLoop:
         )
         async with self._write_lock:
             await call.write(control_pb2.ServerMessage(hello=hello))
-        # The sidecar sends its initial metadata once it has taken the Hello.
-        await call.initial_metadata()
+        # The sidecar sends its initial metadata once it has taken the Hello,
+        # with the desired revision in it. A refused Hello ends the call with
+        # empty initial metadata: that is no connection, and reading the call
+        # raises its status.
+        metadata = await call.initial_metadata()
+        if not any(key == "atlas-desired-revision" for key, _ in metadata or ()):
+            await call.read()
+            raise grpc.aio.AioRpcError(
+                await call.code(), grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details()
+            )
         self.stats.connects += 1
         self._connected.set()
         self.router.sidecar_connected()
