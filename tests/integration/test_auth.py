@@ -384,3 +384,37 @@ def _event(event_id: str) -> events_pb2.Event:
         event_id=event_id,
         inference=events_pb2.Inference(request_id=event_id, model_version="v1"),
     )
+
+
+async def test_reflection_when_enabled_needs_the_read_role(tmp_path: Path) -> None:
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens = write_tokens(tokens_file)
+    app = SidecarApp(
+        make_config(
+            tmp_path / "data",
+            server={"reflection": True},
+            auth={"tokens_file": str(tokens_file)},
+        )
+    )
+    await app.start()
+    try:
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        async with grpc.aio.insecure_channel(_grpc_target(app)) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+            async def services(token: str | None) -> list[str]:
+                call = stub.ServerReflectionInfo(metadata=_md(token))
+                await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                await call.done_writing()
+                names: list[str] = []
+                async for reply in call:
+                    names += [s.name for s in reply.list_services_response.service]
+                return names
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await services(None)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "atlas.sidecar.v1.AdminService" in await services(tokens["reader"])
+    finally:
+        await app.shutdown()
