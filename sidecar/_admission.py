@@ -9,7 +9,10 @@ health calls are not covered: an operator can still look at a saturated
 daemon, and probes still answer.
 
 A peer is the address grpc reports without its port (``ipv4:10.0.0.7``,
-``ipv6:[::1]``); a Unix socket's peer string is taken whole.
+``ipv6:[::1]``); a Unix socket's peer string is taken whole. With auth on, a
+caller with a valid token is counted as its token's name instead
+(``token:vllm-0``): in a pod every client shares the loopback address, so the
+address alone cannot tell one producer from another.
 """
 
 from __future__ import annotations
@@ -47,7 +50,16 @@ class CallAdmission(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     answered ``RESOURCE_EXHAUSTED`` since start.
     """
 
-    def __init__(self, services: Iterable[str], *, max_calls: int, max_per_peer: int) -> None:
+    def __init__(
+        self,
+        services: Iterable[str],
+        *,
+        max_calls: int,
+        max_per_peer: int,
+        identity: Callable[[grpc.aio.ServicerContext], str | None] | None = None,
+    ) -> None:
+        """``identity(context)``: the caller's token name, when there is one."""
+        self._identity = identity
         self._services = frozenset(services)
         self._max_calls = max_calls
         self._max_per_peer = max_per_peer
@@ -102,7 +114,8 @@ class CallAdmission(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return factory(behavior, handler.request_deserializer, handler.response_serializer)
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> str:
-        peer = peer_key(context.peer() or "")
+        name = self._identity(context) if self._identity is not None else None
+        peer = f"token:{name}" if name else peer_key(context.peer() or "")
         held = self._by_peer.get(peer, 0)
         if self.in_progress >= self._max_calls:
             self.refused += 1

@@ -26,14 +26,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._admission import CallAdmission
+from sidecar._aio import spawn
 from sidecar._compiled import compiled_reason
 from sidecar._grpc_errors import UndecodableRequestInterceptor
 from sidecar._private import restrict_socket, unix_socket_path
 from sidecar.admin import AdminHandlers, AdminServicer, status_to_dict
+from sidecar.auth import (
+    Authenticator,
+    AuthInterceptor,
+    HttpAuth,
+    Role,
+    TlsFiles,
+    check_exposure,
+    new_token,
+)
 from sidecar.config import SidecarConfig
 from sidecar.control import ControlChannel
 from sidecar.control.adapters import AdapterStage
-from sidecar.errors import PortInUseError
+from sidecar.errors import ConfigError, PortInUseError
 from sidecar.ingest import IngestServicer
 from sidecar.learning import (
     ActiveLearner,
@@ -89,7 +99,20 @@ _PRODUCER_SERVICES = (
 
 
 def _self_target(config: SidecarConfig) -> str:
-    """Where an in-process client reaches this daemon's gRPC server."""
+    """Where an in-process client reaches this daemon's gRPC server.
+
+    With TLS on, a ``unix:`` address (plain: no certificate to check against
+    a host name); a daemon with an adapter and TLS must listen on one.
+    """
+    if config.server.tls.enabled:
+        for addr in config.server.listen:
+            if addr.startswith("unix:"):
+                return addr
+        if config.control.adapter.kind != "none":
+            raise ConfigError(
+                "control.adapter: with server.tls on, the in-process adapter connects over a "
+                "unix: socket; add one to server.listen (e.g. unix:/var/run/atlas/sidecar.sock)"
+            )
     addr = config.server.listen[0]
     host, _, port = addr.rpartition(":")
     if addr.startswith("unix:") or host not in ("0.0.0.0", "[::]", "::"):
@@ -132,6 +155,29 @@ class SidecarApp:
         serving (``atlas-sidecar serve`` exits then); without it the store's
         readers and writers just raise ``StoreCorruptError``."""
         self.config = config
+        # -- who may call: tokens and roles (auth.*), TLS (server.tls.*) ---------
+        self.auth = Authenticator(
+            config.auth.tokens_file, reload_interval=config.auth.reload_interval_seconds
+        )
+        check_exposure(
+            [
+                *(("server.listen", a) for a in config.server.listen),
+                ("server.http_listen", config.server.http_listen),
+            ],
+            auth_on=self.auth.enabled,
+            allow_unauthenticated=config.auth.allow_unauthenticated,
+        )
+        tls = config.server.tls
+        self.tls = (
+            TlsFiles(
+                tls.cert_file,
+                tls.key_file,
+                tls.client_ca_file,
+                check_seconds=tls.reload_check_seconds,
+            )
+            if tls.cert_file is not None and tls.key_file is not None
+            else None
+        )
         self.store = Store(config.store, on_fatal=on_store_fatal)
         self.writer = StoreWriter(self.store, config.store)
         self.retention = Retention(self.store, self.writer, config.store)
@@ -143,13 +189,20 @@ class SidecarApp:
             _PRODUCER_SERVICES,
             max_calls=config.server.max_concurrent_streams,
             max_per_peer=config.server.max_streams_per_peer,
+            identity=self._token_name if self.auth.enabled else None,
         )
         self.handlers.status["admission"] = self.admission.status
         self.handlers.status["process"] = self.page_release.status
+        self.handlers.status["auth"] = self.auth.status
         # -- control channel (sidecar/control): the desired state, reconciling
         # every connected inference server to it (ControlService.Connect).
         # The rollout engine drives it through the ControlPlane protocol.
-        self.control = ControlChannel(self.store, self.writer, config.control)
+        self.control = ControlChannel(
+            self.store,
+            self.writer,
+            config.control,
+            may_claim=self._may_claim if self.auth.enabled else None,
+        )
         self.handlers.status["control"] = self.control.status
         self.admin = AdminServicer(
             self.store,
@@ -226,7 +279,9 @@ class SidecarApp:
         # configured adapter (control.adapter) joins it as one more replica,
         # over this daemon's own gRPC address.
         self.stages.append(self.control)
-        self.control_adapter = AdapterStage(config.control.adapter, _self_target(config))
+        self.control_adapter = AdapterStage(
+            config.control.adapter, _self_target(config), token=self._adapter_token()
+        )
         self.stages.append(self.control_adapter)
         if config.control.adapter.kind != "none":
             self.handlers.status["control_adapter"] = self.control_adapter.status
@@ -334,10 +389,40 @@ class SidecarApp:
         self.rollouts.stable_source = self.registry.stable_version
         self.server: grpc.aio.Server | None = None
         self.web: WebServer | None = None
+        self.metrics_web: WebServer | None = None
+        self._tls_task: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
         self._stopped = asyncio.Event()
         self._started = False
         self._shutdown_done = False
+
+    def _adapter_token(self) -> str | None:
+        """A token that never leaves this process, for the in-process adapter."""
+        if not self.auth.enabled or self.config.control.adapter.kind == "none":
+            return None
+        token = new_token()
+        self.auth.add_internal(
+            "control-adapter (in-process)",
+            token,
+            [Role.SERVER],
+            server_ids=[self.config.control.adapter.server_id],
+        )
+        return token
+
+    def _token_name(self, context: grpc.aio.ServicerContext) -> str | None:
+        who = self.auth.identity_of(context.invocation_metadata())
+        return who.name if who is not None else None
+
+    def _may_claim(self, context: grpc.aio.ServicerContext, server_id: str) -> str | None:
+        who = self.auth.identity_of(context.invocation_metadata())
+        if who is None:  # the interceptor let no anonymous caller this far
+            return "no valid token"
+        if not who.may_claim(server_id):
+            return (
+                f"hello.server_id: token {who.name!r} may not claim {server_id!r} "
+                "(its server_ids in auth.tokens_file)"
+            )
+        return None
 
     async def _auto_rollout(self, record: ModelRecord) -> str | None:
         if not self.config.rollout.auto_start or self.rollouts.active() is not None:
@@ -393,6 +478,7 @@ class SidecarApp:
         cfg = self.config
         self.store.open()
         try:
+            await self.auth.start()
             await self.writer.start()
             await self.retention.start()
             await self.page_release.start()
@@ -402,17 +488,33 @@ class SidecarApp:
             await self.processors.start()
             await self._start_grpc()
             await self.store_health.start()
+            metrics = self.telemetry.metrics_text if self.telemetry.enabled else None
+            ssl_context = self.tls.http_context() if self.tls is not None else None
             if cfg.server.http_listen:
                 self.web = WebServer(
                     cfg.server.http_listen,
                     self.status_dict,
-                    metrics=self.telemetry.metrics_text if self.telemetry.enabled else None,
+                    metrics=metrics,
                     report=self.monitor.report_dict,
                     rollout=self.monitor.rollout_dict,
                     refresh_seconds=cfg.telemetry.dashboard_refresh_seconds,
+                    ssl_context=ssl_context,
                 )
+                HttpAuth(
+                    self.auth,
+                    session_seconds=cfg.auth.session_seconds,
+                    secure_cookie=ssl_context is not None,
+                ).install(self.web.app)
                 await self.web.start()
                 self.ports["http"] = self.web.port or 0
+            if cfg.server.metrics_listen:
+                self.metrics_web = WebServer.metrics_only(
+                    cfg.server.metrics_listen, metrics, ssl_context=ssl_context
+                )
+                await self.metrics_web.start()
+                self.ports["metrics"] = self.metrics_web.port or 0
+            if self.tls is not None:
+                self._tls_task = spawn(self._watch_tls(self.tls), stage="auth", name="tls-watch")
         except BaseException:
             await self.shutdown()
             raise
@@ -426,6 +528,12 @@ class SidecarApp:
             },
         )
 
+    async def _watch_tls(self, tls: TlsFiles) -> None:
+        """Loads renewed TLS files into the HTTP listeners (gRPC asks at each handshake)."""
+        while True:
+            await asyncio.sleep(self.config.server.tls.reload_check_seconds)
+            tls.check()
+
     def rollout_active(self) -> bool:
         """For the learning scheduler: True while a rollout is in progress."""
         return self.rollouts.rollout_active()
@@ -435,14 +543,21 @@ class SidecarApp:
         # First, so that its deserializer is the one grpc calls: a request
         # that cannot be decoded answers INVALID_ARGUMENT naming the field.
         self.decode_errors = UndecodableRequestInterceptor()
+        # Before it: a caller without the method's role is refused before its
+        # request is decoded and before it takes one of the call slots.
+        interceptors = [self.decode_errors, self.admission, *self.telemetry.grpc_interceptors()]
+        if self.auth.enabled:
+            interceptors.insert(0, AuthInterceptor(self.auth, self.config.auth.open))
         server = grpc.aio.server(
-            interceptors=[
-                self.decode_errors,
-                self.admission,
-                *self.telemetry.grpc_interceptors(),
-            ],
+            interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", 0),
+                # A replica whose connection died without a FIN is noticed
+                # within ~30 s, so its server_id can connect again.
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
             ],
@@ -458,18 +573,22 @@ class SidecarApp:
         )
         control_pb2_grpc.add_ControlServiceServicer_to_server(self.control.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                *_SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
+        if cfg.reflection:
+            reflection.enable_server_reflection(
+                (
+                    *_SERVICE_NAMES,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
         self.server = server
         for addr in cfg.listen:
             try:
-                port = server.add_insecure_port(addr)
+                if self.tls is not None and not addr.startswith("unix:"):
+                    port = server.add_secure_port(addr, self.tls.grpc_credentials())
+                else:
+                    port = server.add_insecure_port(addr)
             except RuntimeError as exc:
                 raise PortInUseError(f"cannot listen on {addr} (server.listen): {exc}") from exc
             if port == 0 and not addr.startswith("unix:"):
@@ -506,6 +625,7 @@ class SidecarApp:
         grace = self.config.server.grace_seconds
         await self.health.enter_graceful_shutdown()
         await self.store_health.shutdown()
+        await self.auth.shutdown()
         self.ingest.drain()
         # Control streams live as long as their servers: end them now, or
         # server.stop would wait out the whole grace period for them.
@@ -514,6 +634,10 @@ class SidecarApp:
             await self.server.stop(grace)
         if self.web is not None:
             await self.web.shutdown()
+        if self.metrics_web is not None:
+            await self.metrics_web.shutdown()
+        if self._tls_task is not None:
+            self._tls_task.cancel()
         await self.processors.shutdown()
         for stage in reversed(self.stages):
             try:

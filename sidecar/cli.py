@@ -28,6 +28,7 @@ from typing import Any
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from sidecar import __version__
+from sidecar._client_args import add_client_args, client_channel
 from sidecar.errors import ConfigError, SidecarError, StoreCorruptError
 
 __all__ = ["main"]
@@ -87,9 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON")
 
     st = sub.add_parser("status", help="show a running daemon's status")
-    st.add_argument(
-        "--target", default="127.0.0.1:50051", metavar="ADDR", help="gRPC address of the daemon"
-    )
+    add_client_args(st)
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
@@ -100,6 +99,34 @@ def _parser() -> argparse.ArgumentParser:
         "(events and their ids, cursors within the log). Run it while the daemon is stopped.",
     )
     c.add_argument("--data-dir", required=True, metavar="DIR", help="the daemon's data dir")
+
+    t = sub.add_parser(
+        "token",
+        help="mint a token, or hash one, for auth.tokens_file",
+        description="Tokens stand in auth.tokens_file only as their SHA-256. 'token new' "
+        "prints a fresh token (give it to the client, e.g. as ATLAS_SIDECAR_TOKEN) and the "
+        "entry to add to the file; 'token hash' reads a token on stdin and prints its SHA-256.",
+        epilog="example: atlas-sidecar token new --name vllm-0 --role ingest --role server "
+        "--server-id 'vllm-*' >> entry.yaml (see docs/security.md)",
+    )
+    tsub = t.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    tn = tsub.add_parser("new", help="print a new token and its tokens-file entry")
+    tn.add_argument("--name", required=True, help="the entry's name (shown in logs and metrics)")
+    tn.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        choices=["ingest", "server", "operator", "read"],
+        help="a role of the token (repeat for more)",
+    )
+    tn.add_argument(
+        "--server-id",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="with --role server: a server_id pattern the token may claim (repeat for more)",
+    )
+    tsub.add_parser("hash", help="print the SHA-256 of the token read from stdin")
 
     v = sub.add_parser(
         "validate-config", help="check a config file; exit non-zero naming the bad key"
@@ -179,7 +206,11 @@ def _run_daemon(config: Any) -> int:
         os._exit(3)
 
     async def run() -> int:
-        app = SidecarApp(config, on_store_fatal=store_failed)
+        try:
+            app = SidecarApp(config, on_store_fatal=store_failed)
+        except SidecarError as exc:
+            print(f"atlas-sidecar: {exc}", file=sys.stderr)
+            return 2
         try:
             await app.start()
         except StoreCorruptError as exc:
@@ -191,6 +222,8 @@ def _run_daemon(config: Any) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, app.request_stop)
+        # SIGHUP rereads the tokens file (it is also reread when it changes).
+        loop.add_signal_handler(signal.SIGHUP, app.auth.request_reload)
         ready = {"event": "ready", "ports": app.ports, "data_dir": str(app.store.data_dir)}
         print(json.dumps(ready), flush=True)
         await app.wait()
@@ -200,22 +233,31 @@ def _run_daemon(config: Any) -> int:
     return int(uvloop.run(run()))
 
 
+def _rpc_problem(target: str, exc: Any) -> str:
+    """One line on why a call to the daemon failed, with what to do about a refusal."""
+    import grpc
+
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return (
+            f"the daemon at {target} refused the call: {code.name}: {exc.details()} "
+            "(pass --token or set ATLAS_SIDECAR_TOKEN)"
+        )
+    return f"cannot reach the daemon at {target}: {code.name}: {exc.details()}"
+
+
 def _status(args: argparse.Namespace) -> int:
     import grpc
     from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
 
     from sidecar.admin import status_to_dict
 
-    with grpc.insecure_channel(args.target) as channel:
+    with client_channel(args) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         try:
             status = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(
-                f"atlas-sidecar: cannot reach the daemon at {args.target}: "
-                f"{exc.code().name}: {exc.details()}",
-                file=sys.stderr,
-            )
+            print(f"atlas-sidecar: {_rpc_problem(args.target, exc)}", file=sys.stderr)
             return 1
     doc = status_to_dict(status)
     if args.json:
@@ -299,6 +341,31 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.data_dir, settings=settings)
 
 
+def _token(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sidecar.auth import hash_token, new_token
+
+    if args.token_command == "hash":
+        token = sys.stdin.readline().strip()
+        if not token:
+            print("atlas-sidecar: token hash: no token on stdin", file=sys.stderr)
+            return 2
+        print(hash_token(token))
+        return 0
+    if args.server_id and "server" not in args.role:
+        print("atlas-sidecar: token new: --server-id needs --role server", file=sys.stderr)
+        return 2
+    token = new_token()
+    entry: dict[str, Any] = {"name": args.name, "sha256": hash_token(token), "roles": args.role}
+    if args.server_id:
+        entry["server_ids"] = args.server_id
+    # The token on stderr (for the client), the entry on stdout (for the file).
+    print(f"token (give it to the client; it is not stored anywhere): {token}", file=sys.stderr)
+    print(yaml.safe_dump([entry], sort_keys=False), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -307,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validate-config": _validate_config,
         "check": _check,
         "demo": _demo,
+        "token": _token,
     }
     commands.update({name: run for name, (_setup, run) in EXTRA_COMMANDS.items()})
     return commands[args.command](args)

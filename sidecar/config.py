@@ -33,6 +33,7 @@ __all__ = [
     "ActiveLearningConfig",
     "AdapterConfig",
     "AdminConfig",
+    "AuthConfig",
     "ControlConfig",
     "HoldoutConfig",
     "IngestConfig",
@@ -45,6 +46,7 @@ __all__ = [
     "SidecarConfig",
     "StoreConfig",
     "TelemetryConfig",
+    "TlsConfig",
     "TrainingConfig",
     "load_config",
 ]
@@ -69,6 +71,37 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class TlsConfig(_Section):
+    # PEM certificate chain and key: TLS on every TCP gRPC and HTTP listener
+    # (Unix sockets stay plain; the file mode guards them). Empty: no TLS.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # PEM CA bundle: clients must present a certificate it signed (mutual
+    # TLS). Empty: any client may connect and tokens decide.
+    client_ca_file: Path | None = None
+    # Seconds between checks for renewed files (size, mtime, inode); a new
+    # pair is used from the next handshake. A CA taken out of client_ca_file
+    # stays trusted on the HTTP listener until restart.
+    reload_check_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("cert_file", "key_file", "client_ca_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file are set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file needs cert_file and key_file (mutual TLS is TLS)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class ServerConfig(_Section):
     # gRPC listen addresses: host:port for TCP, unix:/path for a socket.
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051"])
@@ -87,13 +120,31 @@ class ServerConfig(_Section):
     # more producers; each open stream can hold max_inflight_batches batches.
     max_concurrent_streams: int = Field(default=64, ge=1)
     # Of those slots, how many one peer may hold (its address without the
-    # port; a Unix socket's peer string as grpc reports it). Lower keeps one
+    # port; a Unix socket's peer string as grpc reports it; with auth on, the
+    # caller's token, since pod clients share loopback). Lower keeps one
     # runaway producer from starving the others; higher lets a single
     # multi-worker server open more streams. Above max_concurrent_streams it
     # adds no limit of its own.
     max_streams_per_peer: int = Field(default=32, ge=1)
     # Seconds SIGTERM/SIGINT waits for in-flight batches to commit and ack.
     grace_seconds: float = Field(default=10.0, gt=0)
+    # A listener serving only /metrics, open to anyone who reaches it, so
+    # Prometheus scrapes without a token and without reaching /api. Empty:
+    # /metrics is served on http_listen only, where it needs the read role.
+    metrics_listen: str = ""
+    # gRPC server reflection (grpcurl, Postman). Off: it lists every method to
+    # whoever asks. With auth on it needs the read role unless auth.open lists it.
+    reflection: bool = False
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+
+    @field_validator("http_listen", "metrics_listen")
+    @classmethod
+    def _check_http(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"{value!r} is not host:port")
+        return value
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -114,6 +165,37 @@ class ServerConfig(_Section):
             if not sep or not host or not port.isdigit() or int(port) > 65535:
                 raise ValueError(f"{addr!r} is not host:port or unix:/path")
         return value
+
+
+OpenService = Literal["health", "reflection"]
+
+
+def _default_open() -> list[OpenService]:
+    return ["health"]
+
+
+class AuthConfig(_Section):
+    # YAML file of {name, sha256, roles[, server_ids]} entries (docs/security.md);
+    # reread on SIGHUP and when it changes. Empty: no authentication, and the
+    # daemon then listens only on loopback or unix: sockets.
+    tokens_file: Path | None = None
+    # gRPC services reachable without a token: "health" (Kubernetes probes
+    # send no metadata) and "reflection" (when server.reflection is on).
+    open: list[OpenService] = Field(default_factory=_default_open)
+    # Serve a non-loopback listener with no tokens file: everyone who reaches
+    # the port may do everything. Logged as a warning at every start.
+    allow_unauthenticated: bool = False
+    # Seconds between checks of the tokens file for a change. Short: a
+    # rotation takes effect sooner; long: fewer stat calls (they are cheap).
+    reload_interval_seconds: float = Field(default=2.0, gt=0, le=3600)
+    # How long a dashboard sign-in lasts; rotating the token or restarting the
+    # daemon ends it sooner.
+    session_seconds: float = Field(default=8 * 3600.0, ge=60)
+
+    @field_validator("tokens_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
 
 class StoreConfig(_Section):
@@ -731,6 +813,7 @@ class AdminConfig(_Section):
 
 class SidecarConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

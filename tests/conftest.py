@@ -53,7 +53,7 @@ async def app(tmp_path: Path) -> AsyncIterator[SidecarApp]:
 
 
 def target_of(app: SidecarApp) -> str:
-    port = next(p for addr, p in app.ports.items() if addr != "http")
+    port = next(p for addr, p in app.ports.items() if addr not in ("http", "metrics"))
     return f"127.0.0.1:{port}"
 
 

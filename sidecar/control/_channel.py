@@ -169,7 +169,11 @@ class ControlChannel:
         config: ControlConfig,
         *,
         clock: Callable[[], float] = time.time,
+        may_claim: Callable[[grpc.aio.ServicerContext, str], str | None] | None = None,
     ) -> None:
+        """``may_claim(context, server_id)`` says why the caller may not be
+        ``server_id`` (None: it may); without it every caller may be anyone."""
+        self._may_claim = may_claim
         self._store = store
         self._writer = writer
         self._config = config
@@ -191,7 +195,8 @@ class ControlChannel:
             "applied_ok": 0,
             "applied_failed": 0,
             "applied_unknown": 0,
-            "streams_replaced": 0,
+            "duplicates_refused": 0,
+            "impostors_refused": 0,
             # Split revisions a server reported that this sidecar never issued.
             "bad_revisions": 0,
             "replicas_expired": 0,
@@ -434,10 +439,27 @@ class ControlChannel:
         if first is None:
             return
         hello = first.hello
+        if self._may_claim is not None:
+            refused = self._may_claim(context, hello.server_id)
+            if refused is not None:
+                self.counters["impostors_refused"] += 1
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
         session = _Session(hello.server_id)
         async with self._lock:
             if self._draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down")
+            old = self._sessions.get(hello.server_id)
+            if old is not None and not old.closed:
+                # Never silently replaced: the live stream may be the real
+                # server and this one an impostor. A server that restarted is
+                # let in once its old stream is gone (the connection closes,
+                # or keepalive notices a dead peer).
+                self.counters["duplicates_refused"] += 1
+                await context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"hello.server_id: {hello.server_id!r} already has a live control stream; "
+                    "each replica needs its own server_id",
+                )
             expired = self._expire(self._now_ms(), arriving=hello.server_id)
             if hello.server_id not in self._replicas and (
                 len(self._replicas) >= self._config.max_replicas
@@ -450,10 +472,6 @@ class ControlChannel:
                     f"hello.server_id: {len(self._replicas)} replicas are connected, "
                     f"the most control.max_replicas allows",
                 )
-            old = self._sessions.get(hello.server_id)
-            if old is not None:
-                self.counters["streams_replaced"] += 1
-                old.close()
             self._sessions[hello.server_id] = session
             self.counters["hellos"] += 1
             r = self._replicas.get(hello.server_id)

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+from atlas_sidecar_client import TOKEN_ENV, ChannelSecurity
 
+from sidecar._private import open_private
 from sidecar.demo._report import VersionSummary, build_report, read_user_stats, write_report
 from sidecar.rollout._record import state_name
 from sidecar.testing import DaemonProcess, ReadyProcess
@@ -206,12 +208,15 @@ class _Observed:
 class _Monitor:
     """Polls the sidecar's admin API, the server's state and the users' stats."""
 
-    def __init__(self, target: str, server_url: str, stats: Path, models_dir: Path):
+    def __init__(
+        self, target: str, token: str, server_url: str, stats: Path, models_dir: Path
+    ) -> None:
         import grpc
+        from atlas_sidecar_client import open_channel
         from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
 
         self._pb = admin_pb2
-        self._channel = grpc.insecure_channel(target)
+        self._channel = open_channel(target, ChannelSecurity(token=token))
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._grpc_error = grpc.RpcError
         self.server_url = server_url
@@ -540,9 +545,12 @@ def run_demo(
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     live = settings.live if settings.live is not None else sys.stdout.isatty()
     print(f"atlas-sidecar demo: data in {root}", flush=True)
+    # Auth on, as in production: the server gets a token for ingest and its
+    # control stream, the monitor (and whoever opens the dashboard) a read one.
     daemon = DaemonProcess(
-        root / "sidecar", config=config_path, env=env, log_path=root / "sidecar.log"
+        root / "sidecar", config=config_path, env=env, log_path=root / "sidecar.log", auth=True
     )
+    child_env = {**env, TOKEN_ENV: daemon.tokens["inference"]}
     children: list[ReadyProcess] = []
     started = time.time()
     mon: _Monitor | None = None
@@ -553,7 +561,11 @@ def run_demo(
     try:
         daemon.start()
         dashboard = f"{daemon.http_url}/dashboard"
+        read_token = root / "dashboard-token"
+        with open_private(read_token, "w") as f:
+            f.write(daemon.tokens["read"] + "\n")
         print(f"  sidecar  gRPC {daemon.target}   dashboard {dashboard}", flush=True)
+        print(f"           (sign in with the read token in {read_token})", flush=True)
         server = ReadyProcess(
             "server",
             [
@@ -570,7 +582,7 @@ def run_demo(
                 str(settings.seed),
             ],
             root / "server.log",
-            env,
+            child_env,
         )
         children.append(server)
         port = server.start()["port"]
@@ -593,12 +605,12 @@ def run_demo(
                 str(settings.seed),
             ],
             root / "users.log",
-            env,
+            child_env,
         )
         children.append(users)
         users.start()
         print(f"  users    {settings.rate:g} questions/s, seed {settings.seed}", flush=True)
-        mon = _Monitor(daemon.target, server_url, stats, models_dir)
+        mon = _Monitor(daemon.target, daemon.tokens["read"], server_url, stats, models_dir)
         mon.started = started
         view = _View(live, dashboard, settings.promotions)
         quality = _Quality(models_dir, settings)

@@ -7,15 +7,15 @@ import json
 import sys
 from typing import Any
 
+from sidecar._client_args import add_client_args, client_channel
+
 __all__ = ["register"]
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
     p.description = "Start, promote, abort, roll back and list rollouts of a running daemon."
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--target", default="127.0.0.1:50051", metavar="ADDR", help="daemon gRPC address"
-    )
+    add_client_args(common)
     common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     common.add_argument("--json", action="store_true", help="print JSON")
     sub = p.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
@@ -58,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         "canary": admin_pb2.ROLLOUT_STRATEGY_CANARY,
         "blue_green": admin_pb2.ROLLOUT_STRATEGY_BLUE_GREEN,
     }
-    with grpc.insecure_channel(args.target) as channel:
+    with client_channel(args) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         cmd = args.rollout_command
         try:

@@ -50,6 +50,7 @@ __all__ = [
     "SCORE_BUCKETS",
     "SECONDS_BUCKETS",
     "Instruments",
+    "auth_denied",
     "carry",
     "context_from",
     "current",
@@ -186,6 +187,11 @@ class Instruments:
         self.directives_applied = m.create_counter(
             "atlas_directives_applied", unit="1", description="Directive answers, by kind and ok"
         )
+        self.auth_denied = m.create_counter(
+            "atlas_auth_denied",
+            unit="1",
+            description="Calls refused for their token, by service and reason",
+        )
         self.telemetry_view_events = m.create_counter(
             "atlas_telemetry_view_events",
             unit="1",
@@ -304,6 +310,10 @@ def _guard(fn: Callable[[], None]) -> None:
 
 def directive_sent(kind: str, n: int = 1) -> None:
     _guard(lambda: _current.directives_sent.add(n, {"kind": kind}))
+
+
+def auth_denied(service: str, reason: str) -> None:
+    _guard(lambda: _current.auth_denied.add(1, {"service": service, "reason": reason}))
 
 
 def directive_applied(kind: str, ok: bool) -> None:

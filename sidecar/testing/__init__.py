@@ -2,12 +2,19 @@
 model servers for the control adapters (a vLLM-compatible LoRA API, a real MLServer)."""
 
 from sidecar.testing._control import FakeControlPlane, SentProbe
-from sidecar.testing._daemon import DaemonProcess, ReadyProcess, free_port
+from sidecar.testing._daemon import (
+    TEST_TOKEN_ROLES,
+    DaemonProcess,
+    ReadyProcess,
+    free_port,
+    write_test_tokens,
+)
 from sidecar.testing._mlserver import MLSERVER_REQUIREMENTS, MLServerProcess, ensure_mlserver_venv
 from sidecar.testing._vllm import FakeVllmServer
 
 __all__ = [
     "MLSERVER_REQUIREMENTS",
+    "TEST_TOKEN_ROLES",
     "DaemonProcess",
     "FakeControlPlane",
     "FakeVllmServer",
@@ -16,4 +23,5 @@ __all__ = [
     "SentProbe",
     "ensure_mlserver_venv",
     "free_port",
+    "write_test_tokens",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["DaemonProcess", "ReadyProcess", "free_port"]
+__all__ = ["TEST_TOKEN_ROLES", "DaemonProcess", "ReadyProcess", "free_port", "write_test_tokens"]
 
 
 def free_port() -> int:
@@ -101,6 +101,38 @@ class ReadyProcess:
             self._log = None
 
 
+#: The roles of the tokens :func:`write_test_tokens` makes, by entry name.
+TEST_TOKEN_ROLES: dict[str, list[str]] = {
+    "all": ["ingest", "server", "operator", "read"],
+    # What an inference server needs: send events and keep its control stream.
+    "inference": ["ingest", "server"],
+    "ingest": ["ingest"],
+    "server": ["server"],
+    "operator": ["operator"],
+    "read": ["read"],
+}
+
+
+def write_test_tokens(path: Path) -> dict[str, str]:
+    """A tokens file with one fresh token per entry of TEST_TOKEN_ROLES; name -> token."""
+    import yaml
+
+    from sidecar.auth import hash_token, new_token
+
+    tokens = {name: new_token() for name in TEST_TOKEN_ROLES}
+    doc = {
+        "tokens": [
+            {"name": f"test-{name}", "sha256": hash_token(tokens[name]), "roles": roles}
+            for name, roles in TEST_TOKEN_ROLES.items()
+        ]
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc))
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+    return tokens
+
+
 class DaemonProcess:
     """A sidecar daemon in its own process; ``start()`` waits until it serves.
 
@@ -118,7 +150,10 @@ class DaemonProcess:
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
         log_path: str | os.PathLike[str] | None = None,
+        auth: bool = False,
     ) -> None:
+        """``auth=True`` writes a tokens file beside the data dir and serves
+        with it: :attr:`token` holds every role, :attr:`tokens` one per role."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.http_port = http_port if http_port is not None else free_port()
@@ -131,6 +166,31 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready: dict[str, Any] = {}
         self._child: ReadyProcess | None = None
+        self.tokens: dict[str, str] = {}
+        self.tokens_file: Path | None = None
+        if auth:
+            self.tokens_file = self.data_dir.parent / f"{self.data_dir.name}.tokens.yaml"
+            self.tokens = write_test_tokens(self.tokens_file)
+            self.env.setdefault("ATLAS_SIDECAR__AUTH__TOKENS_FILE", str(self.tokens_file))
+
+    def relaunch(self) -> DaemonProcess:
+        """A new process, not started, on the same data dir, ports, config and tokens."""
+        again = DaemonProcess(
+            self.data_dir,
+            port=self.port,
+            http_port=self.http_port,
+            config=self.config,
+            env=self.env,
+            extra_args=self.extra_args,
+            log_path=self.log_path,
+        )
+        again.tokens, again.tokens_file = dict(self.tokens), self.tokens_file
+        return again
+
+    @property
+    def token(self) -> str:
+        """A token with every role ("" without auth)."""
+        return self.tokens.get("all", "")
 
     @property
     def target(self) -> str:

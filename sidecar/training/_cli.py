@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from sidecar._client_args import add_client_args, client_channel
 from sidecar._private import open_private
 from sidecar.errors import ConfigError, SidecarError
 
@@ -74,6 +75,7 @@ def setup_export(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", metavar="FILE", help="config file (with --data-dir)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    add_client_args(p, target=False)
 
 
 @contextlib.contextmanager
@@ -118,7 +120,7 @@ def _export_grpc(args: argparse.Namespace, since_ms: int) -> list[str]:
     )
     if since_ms:
         req.since.FromMilliseconds(since_ms)
-    with grpc.insecure_channel(args.target) as channel:
+    with client_channel(args) as channel:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         try:
             return [row.json for row in stub.ExportSamples(req, timeout=args.timeout)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,18 @@ class WebServer:
     def __init__(
         self,
         listen: str,
-        status: Callable[[], dict[str, Any]],
+        status: Callable[[], dict[str, Any]] | None,
         *,
         metrics: Callable[[], bytes] | None = None,
         report: Callable[[], dict[str, Any]] | None = None,
         rollout: Callable[[], dict[str, Any]] | None = None,
         refresh_seconds: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
+        key: str = "server.http_listen",
     ) -> None:
         self._listen = listen
+        self._ssl = ssl_context
+        self._key = key
         self._status = status
         self._metrics = metrics
         self._report = report
@@ -49,6 +54,11 @@ class WebServer:
         self._refresh = refresh_seconds
         self.app = web.Application()
         r = self.app.router
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        if status is None:  # metrics_only
+            r.add_get("/metrics", self._metrics_handler)
+            return
         r.add_get("/healthz", self._healthz)
         r.add_get("/api/status", self._api_status)
         r.add_get("/metrics", self._metrics_handler)
@@ -58,13 +68,25 @@ class WebServer:
         r.add_get("/dashboard", self._dashboard)
         r.add_get("/", self._root)
         r.add_static("/static/", STATIC_DIR, follow_symlinks=False)
-        self._runner: web.AppRunner | None = None
-        self.port: int | None = None
+
+    @classmethod
+    def metrics_only(
+        cls,
+        listen: str,
+        metrics: Callable[[], bytes] | None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> WebServer:
+        """A listener serving /metrics and nothing else, open (server.metrics_listen)."""
+        return cls(
+            listen, None, metrics=metrics, ssl_context=ssl_context, key="server.metrics_listen"
+        )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def _api_status(self, request: web.Request) -> web.Response:
+        assert self._status is not None
         return web.json_response(self._status())
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
@@ -98,13 +120,15 @@ class WebServer:
         host, _, port = self._listen.rpartition(":")
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host or "127.0.0.1", int(port), reuse_port=False)
+        site = web.TCPSite(
+            runner, host or "127.0.0.1", int(port), reuse_port=False, ssl_context=self._ssl
+        )
         try:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
             raise PortInUseError(
-                f"cannot listen for HTTP on {self._listen} (server.http_listen): {exc.strerror}"
+                f"cannot listen for HTTP on {self._listen} ({self._key}): {exc.strerror}"
             ) from exc
         self._runner = runner
         server = site._server

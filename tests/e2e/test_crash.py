@@ -31,8 +31,8 @@ def read_log(data_dir: Path) -> list[str]:
 
 def test_kill_9_mid_stream_loses_and_doubles_nothing(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    daemon = DaemonProcess(data, http_port=0).start()
-    port = daemon.port
+    # Auth on, as in production: the client's token must survive every restart.
+    daemon = DaemonProcess(data, http_port=0, auth=True).start()
     acked: set[str] = set()
     acked_lock = threading.Lock()
 
@@ -41,7 +41,14 @@ def test_kill_9_mid_stream_loses_and_doubles_nothing(tmp_path: Path) -> None:
         with acked_lock:
             acked.update(e.event_id for i, e in enumerate(batch.events) if i not in rejected)
 
-    stream = EventStream(daemon.target, batch_size=50, linger_ms=2, backoff_max=0.3, on_ack=on_ack)
+    stream = EventStream(
+        daemon.target,
+        batch_size=50,
+        linger_ms=2,
+        backoff_max=0.3,
+        on_ack=on_ack,
+        token=daemon.tokens["ingest"],
+    )
     recorded: list[str] = []
     stop = threading.Event()
 
@@ -66,7 +73,7 @@ def test_kill_9_mid_stream_loses_and_doubles_nothing(tmp_path: Path) -> None:
             daemon.kill()
             kills += 1
             time.sleep(0.3)  # the client keeps recording while the daemon is down
-            daemon = DaemonProcess(data, port=port, http_port=0).start()
+            daemon = daemon.relaunch().start()
         producer.join(60)
         stop.set()
         assert stream.flush(60), f"client could not deliver: {stream.stats}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from atlas_sidecar_client import EventStream
 
-from sidecar.testing import DaemonProcess, free_port
+from sidecar.testing import DaemonProcess, free_port, write_test_tokens
 
 CLI = [sys.executable, "-m", "sidecar.cli"]
 
@@ -129,3 +130,37 @@ def test_help_teaches() -> None:
     out = run_cli("serve", "--help")
     assert out.returncode == 0
     assert "ATLAS_SIDECAR__" in out.stdout and "--data-dir" in out.stdout
+
+
+def test_auth_the_cli_takes_a_token_and_sighup_rereads_the_tokens_file(tmp_path: Path) -> None:
+    # Only SIGHUP rereads the file here: the periodic check is an hour away.
+    daemon = DaemonProcess(
+        tmp_path / "d",
+        auth=True,
+        env={"ATLAS_SIDECAR__AUTH__RELOAD_INTERVAL_SECONDS": "3600"},
+    ).start()
+    try:
+        out = run_cli("status", "--target", daemon.target, "--timeout", "5")
+        assert out.returncode == 1
+        assert "UNAUTHENTICATED" in out.stderr and "--token" in out.stderr
+        out = run_cli("status", "--target", daemon.target, "--token", daemon.tokens["ingest"])
+        assert out.returncode == 1 and "PERMISSION_DENIED" in out.stderr
+        out = run_cli("status", "--target", daemon.target, "--json", "--token", daemon.token)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["details"]["auth"]["enabled"] is True
+        assert daemon.token not in daemon.log_path.read_text()  # never logged
+        assert daemon.tokens_file is not None
+        new = write_test_tokens(daemon.tokens_file)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = run_cli("status", "--target", daemon.target, "--token", new["read"])
+            if out.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert out.returncode == 0, out.stderr
+        out = run_cli("status", "--target", daemon.target, "--token", daemon.token)
+        assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
+    finally:
+        daemon.stop()

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
+from atlas_sidecar_client import ChannelSecurity, open_aio_channel
 from atlas_sidecar_client.pb import events_pb2, ingest_pb2_grpc
 
 from sidecar.app import SidecarApp
 from sidecar.config import load_config
 from sidecar.store import append_history
-from sidecar.testing import free_port
+from sidecar.testing import free_port, write_test_tokens
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_FLAGS = (
@@ -149,11 +149,14 @@ async def _history(app: SidecarApp, kind: str, **data: Any) -> None:
 @pytest.mark.timeout(120)
 async def test_dashboard_renders_every_panel_in_chromium(tmp_path: Path) -> None:
     http_port = free_port()
+    # Auth on: the browser is sent to /login and signs in with a read token.
+    tokens = write_test_tokens(tmp_path / "tokens.yaml")
     cfg = load_config(
         environ={},
         overrides={
             "store": {"data_dir": str(tmp_path / "data")},
             "server": {"listen": ["127.0.0.1:0"], "http_listen": f"127.0.0.1:{http_port}"},
+            "auth": {"tokens_file": str(tmp_path / "tokens.yaml")},
             "telemetry": {"report_bucket_seconds": 1, "dashboard_refresh_seconds": 1},
         },
     )
@@ -162,7 +165,7 @@ async def test_dashboard_renders_every_panel_in_chromium(tmp_path: Path) -> None
     rng = random.Random(7)
     try:
         target = f"127.0.0.1:{next(p for a, p in app.ports.items() if a != 'http')}"
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with open_aio_channel(target, ChannelSecurity(token=tokens["all"])) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             for r in range(3):
                 await _round(stub, rng, f"a{r}", {"v1": 1.0})
@@ -253,6 +256,21 @@ async def test_dashboard_renders_every_panel_in_chromium(tmp_path: Path) -> None
                     )
                     await cdp.send("Page.enable")
                     await cdp.send("Page.navigate", url=f"http://127.0.0.1:{http_port}/dashboard")
+                    login: Any = None
+                    for _ in range(100):
+                        login = await cdp.evaluate(
+                            "document.querySelector('form[action=\"/login\"]') ? location.pathname"
+                            " : null"
+                        )
+                        if login:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert login == "/login"  # an unsigned browser is sent to sign in
+                    await cdp.evaluate(
+                        "document.querySelector('input[name=token]').value = "
+                        + json.dumps(tokens["read"])
+                        + "; document.querySelector('form').submit(); true"
+                    )
                     state: dict[str, Any] = {}
                     for _ in range(200):
                         state = await cdp.evaluate(
@@ -283,6 +301,7 @@ async def test_dashboard_renders_every_panel_in_chromium(tmp_path: Path) -> None
         await app.shutdown()
 
     assert state["loaded"], state
+    assert app.auth.denied[("http", "missing_token")] >= 1
     panels = dict(state["panels"])
     assert set(panels) == {"cards", "performance", "rollout", "traffic", "feedback", "events"}
     assert all(v == "true" for v in panels.values()), panels

@@ -273,9 +273,14 @@ async def test_at_the_cap_with_every_replica_connected_a_new_one_is_refused(
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "control.max_replicas" in (err.details() or "")
             assert app.control.counters["replicas_refused"] == 1
-            # A known replica reconnecting is never refused.
+            # A known replica reconnecting is never refused for the cap (only
+            # while its old stream is still live, and then for that reason).
+            dup = await _refused(channel, control_pb2.Hello(server_id="pod-1"))
+            assert dup.code() == grpc.StatusCode.ALREADY_EXISTS
+            calls[1].cancel()
+            await wait_until(lambda: app.control.connected_servers() == 2, what="pod-1 gone")
             again = await _hello(channel, control_pb2.Hello(server_id="pod-1"))
-            await wait_until(lambda: app.control.counters["streams_replaced"] == 1, what="replaced")
+            await wait_until(lambda: app.control.connected_servers() == 3, what="pod-1 back")
             calls[0].cancel()
             await wait_until(lambda: app.control.connected_servers() == 2, what="pod-0 gone")
             late = await _hello(channel, control_pb2.Hello(server_id="pod-3"))

@@ -10,6 +10,12 @@
 """
 
 from atlas_sidecar_client import pb
+from atlas_sidecar_client._channel import (
+    TOKEN_ENV,
+    ChannelSecurity,
+    open_aio_channel,
+    open_channel,
+)
 from atlas_sidecar_client._control import (
     AppliedObserver,
     ControlLoop,
@@ -30,7 +36,9 @@ from atlas_sidecar_client._router import (
 )
 
 __all__ = [
+    "TOKEN_ENV",
     "AppliedObserver",
+    "ChannelSecurity",
     "ControlLoop",
     "ControlLoopStats",
     "DropPolicy",
@@ -45,6 +53,8 @@ __all__ = [
     "Signal",
     "TrafficSplit",
     "UnloadHandler",
+    "open_aio_channel",
+    "open_channel",
     "pb",
     "routing_bucket",
     "uuid7",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import inspect
 import logging
 import random
@@ -28,6 +29,7 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 
+from atlas_sidecar_client._channel import TOKEN_ENV, ChannelSecurity, open_aio_channel
 from atlas_sidecar_client._events import EventStream
 from atlas_sidecar_client._proto.atlas.sidecar.v1 import (
     control_pb2,
@@ -67,6 +69,10 @@ CAP_SPLIT = "traffic_split"
 CAP_MIRROR = "mirror"
 
 _DONE_CACHE = 4096
+
+
+#: Codes that mean this server may not connect (token, or a server_id it may not claim).
+_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 @dataclass
@@ -131,6 +137,8 @@ class ControlLoop:
         backoff_max: float = 5.0,
         probe_flush_timeout: float = 30.0,
         channel_options: Sequence[tuple[str, object]] = (),
+        token: str | None = None,
+        security: ChannelSecurity | None = None,
     ) -> None:
         if not server_id:
             raise ValueError("server_id is required")
@@ -140,6 +148,10 @@ class ControlLoop:
             raise ValueError("need 0 < backoff_initial <= backoff_max")
         self.target = target
         self.server_id = server_id
+        sec = security if security is not None else ChannelSecurity()
+        self._security = dataclasses.replace(sec, token=token) if token is not None else sec
+        token_now = self._security.resolved_token()
+        self._metadata = (("authorization", f"Bearer {token_now}"),) if token_now else ()
         self.router = router if router is not None else Router()
         self.stats = ControlLoopStats()
         self._on_load = on_load
@@ -193,7 +205,9 @@ class ControlLoop:
         if self._task is not None:
             return
         self._stopping.clear()
-        self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        self._channel = open_aio_channel(
+            self.target, dataclasses.replace(self._security, token=""), options=self._options
+        )
         self._task = asyncio.create_task(self._run(), name=f"atlas-control-{self.server_id}")
 
     async def stop(self) -> None:
@@ -251,13 +265,29 @@ class ControlLoop:
 
     async def _run(self) -> None:
         delay = self._backoff[0]
+        refused_logged = False
         while not self._stopping.is_set():
             was_connected = False
+            refused = False
             try:
                 was_connected = await self._session()
                 self.stats.last_error = "stream ended by the sidecar"
             except grpc.aio.AioRpcError as exc:
                 self.stats.last_error = f"{exc.code().name}: {exc.details()}"
+                refused = exc.code() in _REFUSED
+                if refused:
+                    # Say so once, then retry at the slowest pace: a token
+                    # fixed in the file is picked up without a restart.
+                    if not refused_logged:
+                        refused_logged = True
+                        log.error(
+                            "the sidecar refused control stream of %s (%s); check the token "
+                            "(token= or %s) and the server_ids it may claim",
+                            self.server_id,
+                            self.stats.last_error,
+                            TOKEN_ENV,
+                        )
+                    delay = self._backoff[1]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug here must not end the loop
@@ -271,8 +301,11 @@ class ControlLoop:
                 self.router.sidecar_lost()
             if self._stopping.is_set():
                 break
-            if was_connected:
+            if was_connected and not refused:
+                # A refused Hello ends the call right after its (empty)
+                # initial metadata: that was never a connection.
                 delay = self._backoff[0]
+                refused_logged = False
             self.stats.reconnects += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), random.uniform(0, delay))
@@ -281,7 +314,7 @@ class ControlLoop:
     async def _session(self) -> bool:
         assert self._channel is not None
         stub = control_pb2_grpc.ControlServiceStub(self._channel)
-        call = stub.Connect()
+        call = stub.Connect(metadata=self._metadata)
         self._call = call
         hello = control_pb2.Hello(
             server_id=self.server_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -15,6 +16,7 @@ from typing import Literal
 
 import grpc
 
+from atlas_sidecar_client._channel import TOKEN_ENV, ChannelSecurity, open_channel
 from atlas_sidecar_client._ids import uuid7
 from atlas_sidecar_client._proto.atlas.sidecar.v1 import events_pb2, ingest_pb2_grpc
 
@@ -43,6 +45,9 @@ RETRYABLE = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
+
+#: Codes that mean this client may not send: logged once, retried slowly.
+REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 _INF = 0
 _FB = 1
@@ -114,6 +119,8 @@ class EventStream:
         backoff_max: float = 2.0,
         channel_options: Sequence[tuple[str, object]] = (),
         on_ack: Callable[[events_pb2.EventBatch, events_pb2.IngestAck], None] | None = None,
+        token: str | None = None,
+        security: ChannelSecurity | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -139,7 +146,11 @@ class EventStream:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._outbox: _Outbox | None = None
-        self._channel = grpc.insecure_channel(target, options=list(channel_options))
+        sec = security if security is not None else ChannelSecurity()
+        if token is not None:
+            sec = dataclasses.replace(sec, token=token)
+        self._channel = open_channel(target, sec, options=list(channel_options))
+        self._refused_logged = False
         self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
         self._call: grpc.Future | None = None
         self._sender = threading.Thread(
@@ -432,6 +443,7 @@ class EventStream:
             try:
                 for ack in call:
                     delay = self._backoff[0]
+                    self._refused_logged = False
                     self._handle_ack(ack)
                 # the server ended the stream (it is shutting down): reconnect
                 self.stats.last_error = "stream ended by the sidecar"
@@ -447,6 +459,18 @@ class EventStream:
                     # order); resending it would be refused again.
                     self._drop_refused()
                     delay = self._backoff[0]
+                elif code in REFUSED:
+                    # Wrong or missing token: say so once, keep the events
+                    # queued, and retry at the slowest pace until it is fixed.
+                    if not self._refused_logged:
+                        self._refused_logged = True
+                        log.error(
+                            "the sidecar refused this client (%s); events stay queued. "
+                            "Check the token (token= or %s)",
+                            self.stats.last_error,
+                            TOKEN_ENV,
+                        )
+                    delay = self._backoff[1]
                 elif code not in RETRYABLE:
                     log.warning("event stream failed (%s); retrying", self.stats.last_error)
             finally:

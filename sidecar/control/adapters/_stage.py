@@ -41,9 +41,11 @@ class AdapterStage:
     reconciles it. An unreachable server is retried; it never stops the daemon.
     """
 
-    def __init__(self, config: AdapterConfig, target: str) -> None:
+    def __init__(self, config: AdapterConfig, target: str, *, token: str | None = None) -> None:
+        """``token``: what the adapter's ControlLoop sends (with auth on)."""
         self._config = config
         self._target = target
+        self._token = token
         self._adapter = make_adapter(config)
         self._task: asyncio.Task[None] | None = None
         self._loop: ControlLoop | None = None
@@ -89,6 +91,7 @@ class AdapterStage:
                 on_load=adapter.load,
                 on_unload=adapter.unload,
                 loaded_versions=loaded,
+                token=self._token or "",
             )
             await loop.start()
             try:
