@@ -41,6 +41,12 @@ func (l *logBuffer) count(s string) int {
 	return n
 }
 
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
 func (l *logBuffer) logger() *slog.Logger { return slog.New(slog.NewTextHandler(l, nil)) }
 
 const refusedLine = "the sidecar refused this client"
@@ -54,6 +60,14 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// closeSoon closes s without waiting long for a refused stream to deliver,
+// so a failed check ends the test instead of hanging it.
+func closeSoon(s *EventStream) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = s.Close(ctx)
 }
 
 func record(s *EventStream, n int, prefix string) {
@@ -95,7 +109,7 @@ func TestEventStreamRefusedUntilTheTokenIsListed(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer s.Close(context.Background())
+			defer closeSoon(s)
 
 			record(s, 12, "r")
 			// Refused again and again: the events stay queued, the log has it once.
@@ -108,10 +122,10 @@ func TestEventStreamRefusedUntilTheTokenIsListed(t *testing.T) {
 				t.Fatalf("refused, yet: %+v, pending %d", st, s.Pending())
 			}
 			if n := logs.count(refusedLine); n != 1 {
-				t.Fatalf("refusal logged %d times, want once; log:\n%s", n, logs.b.String())
+				t.Fatalf("refusal logged %d times, want once; log:\n%s", n, logs.String())
 			}
-			if !strings.Contains(logs.b.String(), "code="+tc.code.String()) {
-				t.Fatalf("the log does not name %s:\n%s", tc.code, logs.b.String())
+			if !strings.Contains(logs.String(), "code="+tc.code.String()) {
+				t.Fatalf("the log does not name %s:\n%s", tc.code, logs.String())
 			}
 			if got := d.status().GetEvents().GetAccepted(); got != 0 {
 				t.Fatalf("the daemon stored %d events from a refused client", got)
@@ -159,7 +173,7 @@ func TestEventStreamLogsARefusalAgainAfterAnAck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close(context.Background())
+	defer closeSoon(s)
 
 	record(s, 3, "a")
 	waitUntil(t, "a refusal", func() bool { return logs.count(refusedLine) == 1 })
@@ -194,7 +208,7 @@ func TestTokenFromTheEnvironmentAndDialOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close(context.Background())
+	defer closeSoon(s)
 	record(s, 7, "env")
 	flushOrFail(t, s, 30*time.Second)
 	if got := d.status().GetEvents().GetAccepted(); got != 7 {
@@ -249,7 +263,7 @@ func TestEventStreamOverTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close(context.Background())
+	defer closeSoon(s)
 	record(s, 9, "tls")
 	flushOrFail(t, s, 30*time.Second)
 	if got := d.status().GetEvents().GetAccepted(); got != 9 {
@@ -286,7 +300,7 @@ func TestEventStreamOverMutualTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close(context.Background())
+	defer closeSoon(s)
 	record(s, 4, "mtls")
 	flushOrFail(t, s, 30*time.Second)
 	if got := d.status().GetEvents().GetAccepted(); got != 4 {
