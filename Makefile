@@ -23,7 +23,8 @@ TS_OUT := $(TS_CLIENT)/src/gen
 TS_STAMP := $(TS_CLIENT)/node_modules/.installed
 CLIENTS_OUT := $(GO_OUT) $(TS_OUT)
 
-.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench clean help
+.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench clean help \
+	deploy deploy-render undeploy
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -100,6 +101,22 @@ sanitize: $(STAMP)  ## the C ingest path under AddressSanitizer + UBSan (its pro
 
 bench: $(STAMP)  ## benchmarks; each prints one comparable figure
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Deploying (docs/deploy.md): deploy and undeploy act on the current kubectl context.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= localhost/atlas-sidecar:$(VERSION)
+OVERLAY ?= simple
+NAMESPACE ?= atlas-sidecar
+export IMAGE OVERLAY NAMESPACE
+
+deploy-render:  ## print the rendered overlay (OVERLAY=simple|statefulset|vllm|llama-server, NAMESPACE=, IMAGE=)
+	@scripts/deploy.sh render
+
+deploy: $(STAMP)  ## server-side apply of the overlay to the current kubectl context; waits for the rollout
+	scripts/deploy.sh apply
+
+undeploy:  ## delete what deploy applied (keeps the Secrets and any PVC)
+	scripts/deploy.sh delete
 
 clean:  ## remove build output and local data (keeps .venv)
 	rm -rf var build *.egg-info .pytest_cache .mypy_cache .ruff_cache test-artifacts
