@@ -24,7 +24,7 @@ TS_STAMP := $(TS_CLIENT)/node_modules/.installed
 CLIENTS_OUT := $(GO_OUT) $(TS_OUT)
 
 .PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench clean help \
-	deploy deploy-render undeploy
+	image deploy deploy-render undeploy deploy-test
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -102,12 +102,16 @@ sanitize: $(STAMP)  ## the C ingest path under AddressSanitizer + UBSan (its pro
 bench: $(STAMP)  ## benchmarks; each prints one comparable figure
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-# Deploying (docs/deploy.md): deploy and undeploy act on the current kubectl context.
+# Deploying (docs/deploy.md). The image is built here, with no registry;
+# deploy and undeploy act on the current kubectl context.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= localhost/atlas-sidecar:$(VERSION)
 OVERLAY ?= simple
 NAMESPACE ?= atlas-sidecar
 export IMAGE OVERLAY NAMESPACE
+
+image: $(STAMP)  ## the OCI image $(IMAGE) (IMAGE= to rename), from Debian's mirror and wheels built here
+	scripts/build_image.sh
 
 deploy-render:  ## print the rendered overlay (OVERLAY=simple|statefulset|vllm|llama-server, NAMESPACE=, IMAGE=)
 	@scripts/deploy.sh render
