@@ -122,5 +122,8 @@ deploy: $(STAMP)  ## server-side apply of the overlay to the current kubectl con
 undeploy:  ## delete what deploy applied (keeps the Secrets and any PVC)
 	scripts/deploy.sh delete
 
+deploy-test: $(STAMP)  ## a one-node Kubernetes in its own network namespace: make deploy, restarts, a failed rollout, undo
+	$(PY) -m pytest -q -p no:cacheprovider -m cluster tests/cluster $(PYTEST_ARGS)
+
 clean:  ## remove build output and local data (keeps .venv)
 	rm -rf var build *.egg-info .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -3,7 +3,7 @@
 # kubectl context (KUBECONFIG as usual). Called by make deploy-render, deploy
 # and undeploy; see docs/deploy.md.
 #
-#   OVERLAY    overlay under deploy/kubernetes/overlays (default simple)
+#   OVERLAY    an overlay under deploy/kubernetes/overlays (default simple), or a path
 #   NAMESPACE  target namespace (default atlas-sidecar)
 #   IMAGE      the sidecar image (default localhost/atlas-sidecar:<version>)
 #   ATLAS      the atlas-sidecar command used to mint tokens (default .venv's)
@@ -19,8 +19,12 @@ ATLAS=${ATLAS:-$root/.venv/bin/atlas-sidecar}
 ROLLOUT_TIMEOUT=${ROLLOUT_TIMEOUT:-300s}
 KUBECTL=${KUBECTL:-kubectl}
 
-overlay_dir=$root/deploy/kubernetes/overlays/$OVERLAY
-[ -d "$overlay_dir" ] || { echo "deploy: no overlay $OVERLAY in deploy/kubernetes/overlays" >&2; exit 2; }
+# A name under deploy/kubernetes/overlays, or a path to any kustomization.
+case $OVERLAY in
+  */*) overlay_dir=$(realpath "$OVERLAY") ;;
+  *) overlay_dir=$root/deploy/kubernetes/overlays/$OVERLAY ;;
+esac
+[ -f "$overlay_dir/kustomization.yaml" ] || { echo "deploy: no overlay $OVERLAY (deploy/kubernetes/overlays or a path)" >&2; exit 2; }
 
 # IMAGE as kustomize wants it: a name and a tag or a digest.
 case $IMAGE in
@@ -69,7 +73,7 @@ ensure_secrets() {
   fi
   local dir
   dir=$(umask 077 && mktemp -d)
-  trap 'rm -rf "$dir"' RETURN
+  trap 'rm -rf "$dir"; trap - RETURN' RETURN
   {
     echo "tokens:"
     "$ATLAS" token new --name in-pod-clients --role ingest --role server 2>"$dir/client.err" | sed 's/^/  /'
