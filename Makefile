@@ -24,7 +24,7 @@ TS_STAMP := $(TS_CLIENT)/node_modules/.installed
 CLIENTS_OUT := $(GO_OUT) $(TS_OUT)
 
 .PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench clean help \
-	image deploy deploy-render undeploy deploy-test
+	image deploy deploy-render undeploy deploy-test deploy-test-deps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -122,7 +122,15 @@ deploy: $(STAMP)  ## server-side apply of the overlay to the current kubectl con
 undeploy:  ## delete what deploy applied (keeps the Secrets and any PVC)
 	scripts/deploy.sh delete
 
-deploy-test: $(STAMP)  ## a one-node Kubernetes in its own network namespace: make deploy, restarts, a failed rollout, undo
+# What make image and make deploy-test run on (Debian packages), installed
+# when missing, as make chromium does for the browser test.
+DEPLOY_TEST_DEBS := podman mmdebstrap etcd-server containerd runc containernetworking-plugins
+deploy-test-deps:  ## podman, mmdebstrap, etcd, containerd, runc and CNI plugins (Debian packages)
+	@ok=1; for c in podman mmdebstrap etcd containerd runc; do command -v $$c >/dev/null || ok=0; done; \
+	test -x /usr/lib/cni/bridge || ok=0; \
+	test $$ok = 1 || { apt-get update -q && apt-get install -y -q --no-install-recommends $(DEPLOY_TEST_DEBS); }
+
+deploy-test: $(STAMP) deploy-test-deps  ## a one-node Kubernetes in its own network namespace: make deploy, restarts, a failed rollout, undo
 	$(PY) -m pytest -q -p no:cacheprovider -m cluster tests/cluster $(PYTEST_ARGS)
 
 clean:  ## remove build output and local data (keeps .venv)

@@ -39,6 +39,7 @@ CONTAINERS_CONF = str(ROOT / "deploy" / "image" / "containers.conf")
 SIMPLE_NS = "lab-simple"
 PVC_NS = "lab-pvc"
 TIMINGS: dict[str, float] = {}
+FACTS: dict[str, object] = {}
 # Generous bounds on waits for things that must happen; a slow machine is
 # not a failure, a condition that never holds is.
 WAIT = 240.0
@@ -116,7 +117,8 @@ def _image_archives(bins: Path, work: Path) -> list[Path]:
 def _write_timings() -> None:
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    (artifacts / "deploy-test-timings.json").write_text(json.dumps(TIMINGS, indent=2) + "\n")
+    doc = {"seconds": TIMINGS, "facts": FACTS}
+    (artifacts / "deploy-test-timings.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def make_deploy(lab: LabCluster, overlay: str, namespace: str, *extra: str) -> str:
@@ -168,6 +170,82 @@ def status_in(lab: LabCluster, ns: str, pod: str) -> dict[str, Any]:
         "env", f"ATLAS_SIDECAR_TOKEN={operator_token(lab, ns)}", "atlas-sidecar", "status", "--json",
     )  # fmt: skip
     return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+# -- every overlay, as the API server sees it ---------------------------------
+
+# The ServiceMonitor's kind, so that the API server accepts it in a dry run;
+# its schema is the operator's business (tests/unit checks what we rely on).
+SERVICEMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "names": {"kind": "ServiceMonitor", "plural": "servicemonitors"},
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
+            }
+        ],
+    },
+}
+OVERLAYS = sorted(p.name for p in (ROOT / "deploy" / "kubernetes" / "overlays").iterdir())
+
+
+def test_every_overlay_passes_the_api_servers_strict_dry_run(lab: LabCluster) -> None:
+    """What offline schemas miss (semantics, admission): the API server's own checks."""
+    lab.kubectl("apply", "-f", "-", input=json.dumps(SERVICEMONITOR_CRD))
+    lab.kubectl(
+        "wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com",
+        "--timeout=60s",
+    )  # fmt: skip
+    lab.kubectl("create", "namespace", "lab-dry-run")
+    lab.kubectl(
+        "label", "namespace", "lab-dry-run", "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/warn=restricted",
+    )  # fmt: skip
+    for overlay in OVERLAYS:
+        rendered = subprocess.run(
+            [str(ROOT / "scripts" / "deploy.sh"), "render"],
+            env={**os.environ, "OVERLAY": overlay, "NAMESPACE": "lab-dry-run", "IMAGE": IMAGE},
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        out = lab.kubectl(
+            "apply", "--dry-run=server", "--validate=strict", "--server-side",
+            "--field-manager=atlas-sidecar-deploy", "-f", "-",
+            input=rendered, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, f"{overlay}: {out.stderr}"
+        # The restricted profile's warnings come on stderr for workloads.
+        assert "PodSecurity" not in out.stderr, f"{overlay}: {out.stderr}"
+    lab.kubectl("delete", "namespace", "lab-dry-run", "--wait=false")
+
+
+def test_the_dry_run_catches_what_offline_schemas_miss(lab: LabCluster) -> None:
+    rendered = subprocess.run(
+        [str(ROOT / "scripts" / "deploy.sh"), "render"],
+        env={**os.environ, "OVERLAY": "simple", "NAMESPACE": "default", "IMAGE": IMAGE},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    # A selector that does not match its pods' labels: valid to every schema.
+    broken = rendered.replace(
+        "      app.kubernetes.io/name: atlas-sidecar-demo\n  strategy:",
+        "      app.kubernetes.io/name: atlas-sidecar-dmeo\n  strategy:",
+    )
+    assert broken != rendered
+    out = lab.kubectl("apply", "--dry-run=server", "-f", "-", input=broken, check=False)
+    assert out.returncode != 0
+    assert "selector" in out.stderr and "does not match template" in out.stderr
 
 
 # -- the simple overlay: rollout, status, metrics, a failed rollout, undo ------
@@ -374,6 +452,8 @@ def test_every_acked_event_survives_a_rollout_restart(lab: LabCluster) -> None:
             input=(HERE / "store_ids.py").read_text(),
         ).stdout.split()
     )  # fmt: skip
+    FACTS["acked before the restart"] = len(acked)
+    FACTS["in the store after it"] = len(stored)
     assert acked <= stored, f"{len(acked - stored)} acked events missing after the restart"
 
 
