@@ -67,9 +67,9 @@ def lab() -> Iterator[LabCluster]:
     )
     _timed("image", ["make", "--no-print-directory", "-C", str(ROOT), "image", f"IMAGE={IMAGE}"])
     work = Path(tempfile.mkdtemp(prefix="atlas-lab-"))
-    archives = _image_archives(bins, work)
     cluster = LabCluster(work, bins / "bin")
     try:
+        archives = _image_archives(bins, work)
         t0 = time.monotonic()
         cluster.start()
         for archive in archives:
@@ -81,7 +81,8 @@ def lab() -> Iterator[LabCluster]:
         leaks = cluster.leaks()
         # The components' logs outlive the cluster, for whoever reads a failure.
         shutil.rmtree(ROOT / "test-artifacts" / "cluster-logs", ignore_errors=True)
-        shutil.copytree(work / "logs", ROOT / "test-artifacts" / "cluster-logs")
+        if (work / "logs").is_dir():
+            shutil.copytree(work / "logs", ROOT / "test-artifacts" / "cluster-logs")
         cluster.remove_workdir()
         _write_timings()
         assert leaks == [], f"teardown left: {leaks}"
