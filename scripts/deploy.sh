@@ -8,6 +8,8 @@
 #   IMAGE      the sidecar image (default localhost/atlas-sidecar:<version>)
 #   ATLAS      the atlas-sidecar command used to mint tokens (default .venv's)
 #   ROLLOUT_TIMEOUT  how long apply waits for each rollout (default 300s)
+#   KUBECTL    the kubectl to run (default kubectl; a wrapper, for a cluster in a
+#              network namespace, as make deploy-test does)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
