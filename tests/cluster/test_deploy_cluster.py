@@ -247,6 +247,16 @@ def test_the_dry_run_catches_what_offline_schemas_miss(lab: LabCluster) -> None:
     out = lab.kubectl("apply", "--dry-run=server", "-f", "-", input=broken, check=False)
     assert out.returncode != 0
     assert "selector" in out.stderr and "does not match template" in out.stderr
+    # A container allowed to escalate: the restricted profile's warning, which
+    # the dry run of every overlay above must not show.
+    lab.kubectl("create", "namespace", "lab-pss")
+    lab.kubectl("label", "namespace", "lab-pss", "pod-security.kubernetes.io/warn=restricted")
+    escalating = rendered.replace(
+        "allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true", 1
+    ).replace("namespace: default", "namespace: lab-pss")
+    out = lab.kubectl("apply", "--dry-run=server", "-f", "-", input=escalating, check=False)
+    assert "would violate PodSecurity" in out.stderr and "allowPrivilegeEscalation" in out.stderr
+    lab.kubectl("delete", "namespace", "lab-pss", "--wait=false")
 
 
 # -- the simple overlay: rollout, status, metrics, a failed rollout, undo ------
