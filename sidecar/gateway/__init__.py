@@ -5,8 +5,9 @@ one more inference-server replica to the sidecar, built from the client
 library's own Router, EventStream and ControlLoop. See docs/gateway.md.
 """
 
+from atlas_sidecar_client.openai import BadFeedback, FeedbackFields, parse_feedback
+
 from sidecar.gateway._backends import Backend, make_backend
-from sidecar.gateway._feedback import BadFeedback, FeedbackFields, parse_feedback
 from sidecar.gateway._proxy import Gateway
 from sidecar.gateway._run import add_gateway_args, run_gateway_command
 

@@ -32,11 +32,18 @@ import aiohttp
 import orjson
 from aiohttp import web
 from atlas_sidecar_client import ControlLoop, EventStream, Role, Router, Signal, uuid7
+from atlas_sidecar_client.openai import (
+    MAX_FEEDBACK_BYTES,
+    Answer,
+    BadFeedback,
+    StreamAccumulator,
+    answer_of,
+    parse_feedback,
+    prompt_of,
+)
 
 from sidecar.config import GatewayConfig
 from sidecar.gateway._backends import Backend, make_backend
-from sidecar.gateway._feedback import MAX_FEEDBACK_BYTES, BadFeedback, parse_feedback
-from sidecar.gateway._openai import Answer, StreamAccumulator, answer_of, prompt_of
 
 __all__ = ["Gateway"]
 

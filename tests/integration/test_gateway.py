@@ -385,3 +385,36 @@ async def test_a_client_that_hangs_up_mid_stream_cancels_upstream_and_is_recorde
     await gw.events.aflush(10)
     inf = next(e.inference for e in logged(app) if e.inference.request_id == "gone-1")
     assert inf.attributes["partial"] == "client" and inf.response == "version="
+
+
+async def test_the_daemon_takes_feedback_over_http_too(tmp_path: Path) -> None:
+    from tests._auth import write_tokens
+
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    app = SidecarApp(
+        make_config(
+            tmp_path / "data",
+            server={"http_listen": f"127.0.0.1:{free_port()}"},
+            auth={"tokens_file": str(tmp_path / "tokens.yaml")},
+        )
+    )
+    await app.start()
+    try:
+        url = f"http://127.0.0.1:{app.ports['http']}/v1/feedback"
+        body = {"request_id": "r-1", "signal": "COPY", "rating": 0.5}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json=body) as r:
+                assert r.status == 401
+            bearer = {"Authorization": f"Bearer {tokens['reader']}"}
+            async with http.post(url, json=body, headers=bearer) as r:
+                assert r.status == 403  # feedback is ingest, not read
+            bearer = {"Authorization": f"Bearer {tokens['ingester']}"}
+            async with http.post(url, json=body, headers=bearer) as r:
+                assert r.status == 202
+            async with http.post(url, json={"request_id": "r-1"}, headers=bearer) as r:
+                assert r.status == 400
+                assert "signal" in (await r.json())["error"]["message"]
+        fb = [e.feedback for e in logged(app) if e.WhichOneof("payload") == "feedback"]
+        assert [(f.request_id, f.signal, f.rating) for f in fb] == [("r-1", events_pb2.COPY, 0.5)]
+    finally:
+        await app.shutdown()

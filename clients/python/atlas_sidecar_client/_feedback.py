@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-from atlas_sidecar_client import Signal
+from atlas_sidecar_client._json import JSONDecodeError, loads
+from atlas_sidecar_client._proto.atlas.sidecar.v1.events_pb2 import Signal
 
 __all__ = ["MAX_FEEDBACK_BYTES", "BadFeedback", "FeedbackFields", "parse_feedback"]
 
@@ -57,8 +57,8 @@ def parse_feedback(body: bytes) -> FeedbackFields:
     if len(body) > MAX_FEEDBACK_BYTES:
         raise BadFeedback(f"body: larger than {MAX_FEEDBACK_BYTES} bytes")
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        doc = loads(body)
+    except JSONDecodeError as exc:
         raise BadFeedback(f"body: not JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise BadFeedback("body: expected a JSON object")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from atlas_sidecar_client._json import JSONDecodeError, loads
 
 __all__ = ["Answer", "StreamAccumulator", "answer_of", "prompt_of"]
 
@@ -134,8 +134,8 @@ class StreamAccumulator:
             self.done = True
             return
         try:
-            doc = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+            doc = loads(payload)
+        except JSONDecodeError:
             return
         self.chunks += 1
         if isinstance(doc, dict):
