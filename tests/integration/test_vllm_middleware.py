@@ -83,8 +83,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[SidecarApp, AtlasMiddlew
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(mw, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: server.started, what="uvicorn serving")
     try:
         yield daemon, mw, f"http://127.0.0.1:{port}", seen
     finally:

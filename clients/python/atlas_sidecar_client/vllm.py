@@ -119,9 +119,12 @@ class AtlasMiddleware:
     async def _lora(self, route: str, body: dict[str, Any]) -> tuple[int, str]:
         import aiohttp  # vLLM depends on it; the client library does not
 
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
-            async with http.post(self._self_url + route, json=body) as r:
-                return r.status, await r.text()
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.post(self._self_url + route, json=body) as r,
+        ):
+            return r.status, await r.text()
 
     async def _load(self, version: str, artifact_uri: str) -> None:
         path = artifact_uri[7:] if artifact_uri.startswith("file://") else artifact_uri
