@@ -116,6 +116,7 @@ class HttpAuth:
         if not self._auth.enabled or path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
             return await handler(request)
         header = request.headers.get("Authorization")
+        who: TokenEntry | Denied | None
         if path in _INGEST_PATHS:
             # Feedback is ingest: a token with that role, never a dashboard cookie.
             who = self._auth.authorize(header, Role.INGEST)
@@ -126,7 +127,6 @@ class HttpAuth:
             return await handler(request)
         if header is None:
             entry = self._session_entry(request.cookies.get(SESSION_COOKIE))
-            who: TokenEntry | Denied | None
             if entry is not None:
                 who = (
                     entry

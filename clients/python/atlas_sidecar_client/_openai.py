@@ -80,7 +80,8 @@ class Answer:
             msg = choice.get("delta" if delta else "message")
             piece = _content_text(msg.get("content")) if isinstance(msg, dict) else ""
         else:
-            piece = choice.get("text") if isinstance(choice.get("text"), str) else ""
+            text = choice.get("text")
+            piece = text if isinstance(text, str) else ""
         if piece and len(self.text) < MAX_TEXT_CHARS:
             self.text = (self.text + piece)[:MAX_TEXT_CHARS]
         if isinstance(choice.get("finish_reason"), str):
