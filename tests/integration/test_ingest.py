@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 import grpc
 import pytest
@@ -229,7 +230,31 @@ async def test_drain_commits_and_acks_inflight_batches(
     assert len(stored_ids(app)) == 250
 
 
-async def test_health_and_reflection_are_served(app: SidecarApp, channel: grpc.aio.Channel) -> None:
+async def test_health_and_reflection_are_served(app_factory: Any) -> None:
+
+    app = await app_factory(server={"reflection": True})  # off by default
+    try:
+        async with grpc.aio.insecure_channel(target_of(app)) as channel:
+            await _health_and_reflection(channel)
+    finally:
+        await app.shutdown()
+
+
+async def test_reflection_is_off_by_default(channel: grpc.aio.Channel) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def req():  # type: ignore[no-untyped-def]
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            req()
+        ):
+            pass
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def _health_and_reflection(channel: grpc.aio.Channel) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     health = await health_pb2_grpc.HealthStub(channel).Check(

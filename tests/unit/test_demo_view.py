@@ -23,7 +23,7 @@ def _monitor(tmp_path: Path) -> _Monitor:
     (tmp_path / "users.jsonl").write_text(
         json.dumps({"t": now, "versions": {"v1": [10, 4], "v2": [10, 9]}}) + "\n"
     )
-    mon = _Monitor("127.0.0.1:1", "http://127.0.0.1:1", tmp_path / "users.jsonl", models)
+    mon = _Monitor("127.0.0.1:1", "", "http://127.0.0.1:1", tmp_path / "users.jsonl", models)
     mon._read_stats()
     mon.obs.details = {"learning": {"stable_version": "v2", "samples": 1234}}
     mon.obs.status = {"accepted": 5678, "rejected": 0}

@@ -268,12 +268,14 @@ class ControlLoop:
         refused_logged = False
         while not self._stopping.is_set():
             was_connected = False
+            refused = False
             try:
                 was_connected = await self._session()
                 self.stats.last_error = "stream ended by the sidecar"
             except grpc.aio.AioRpcError as exc:
                 self.stats.last_error = f"{exc.code().name}: {exc.details()}"
-                if exc.code() in _REFUSED:
+                refused = exc.code() in _REFUSED
+                if refused:
                     # Say so once, then retry at the slowest pace: a token
                     # fixed in the file is picked up without a restart.
                     if not refused_logged:
@@ -299,7 +301,9 @@ class ControlLoop:
                 self.router.sidecar_lost()
             if self._stopping.is_set():
                 break
-            if was_connected:
+            if was_connected and not refused:
+                # A refused Hello ends the call right after its (empty)
+                # initial metadata: that was never a connection.
                 delay = self._backoff[0]
                 refused_logged = False
             self.stats.reconnects += 1
@@ -320,16 +324,8 @@ class ControlLoop:
         )
         async with self._write_lock:
             await call.write(control_pb2.ServerMessage(hello=hello))
-        # The sidecar sends its initial metadata once it has taken the Hello,
-        # with the desired revision in it. A refused Hello ends the call with
-        # empty initial metadata: that is no connection, and reading the call
-        # raises its status.
-        metadata = await call.initial_metadata()
-        if not any(key == "atlas-desired-revision" for key, _ in metadata or ()):
-            await call.read()
-            raise grpc.aio.AioRpcError(
-                await call.code(), grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details()
-            )
+        # The sidecar sends its initial metadata once it has taken the Hello.
+        await call.initial_metadata()
         self.stats.connects += 1
         self._connected.set()
         self.router.sidecar_connected()
