@@ -143,6 +143,8 @@ class Gateway:
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=False,
+            # The upstream's cookies are the caller's business: passed through, never kept.
+            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         )
         loaded: list[str] = []
@@ -193,8 +195,32 @@ class Gateway:
 
     # -- upstream ----------------------------------------------------------------
 
+    @property
+    def _response_timeout(self) -> aiohttp.ClientTimeout:
+        # sock_read restarts with every byte: a whole answer is bounded by
+        # response_timeout_seconds of silence, not in total.
+        return aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=self.config.response_timeout_seconds
+        )
+
+    @property
+    def _stream_timeout(self) -> aiohttp.ClientTimeout:
+        # A streamed answer may pause at most chunk_idle_seconds between chunks.
+        cfg = self.config
+        return aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=10,
+            sock_read=min(cfg.chunk_idle_seconds, cfg.response_timeout_seconds),
+        )
+
     async def _send(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        *,
+        streamed: bool = False,
     ) -> aiohttp.ClientResponse:
         """Sends one request upstream; once more if a pooled connection died before any byte.
 
@@ -205,15 +231,13 @@ class Gateway:
         assert self._http is not None
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(
-                    self._http.request(
-                        method,
-                        self.upstream + path,
-                        headers=headers,
-                        data=body,
-                        allow_redirects=False,
-                    ),
-                    self.config.response_timeout_seconds,
+                return await self._http.request(
+                    method,
+                    self.upstream + path,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=self._stream_timeout if streamed else self._response_timeout,
                 )
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
@@ -298,7 +322,9 @@ class Gateway:
             out = dict(body)
             if v:
                 self.backend.rewrite(out, v)
-            return await self._send("POST", request.path, headers, orjson.dumps(out))
+            return await self._send(
+                "POST", request.path, headers, orjson.dumps(out), streamed=streamed
+            )
 
         try:
             upstream = await send(version)
@@ -411,7 +437,8 @@ class Gateway:
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(upstream.content.readany(), idle)
+                    # The request's sock_read timeout is chunk_idle_seconds.
+                    chunk = await upstream.content.readany()
                 except TimeoutError:
                     self.counters["upstream_stalls"] += 1
                     partial = "stalled"
