@@ -146,9 +146,10 @@ async def test_the_sidecar_loads_adapters_through_vllms_own_routes(
     from sidecar.control._state import DesiredState, RouteSpec
 
     daemon, mw, url, seen = served
-    async with aiohttp.ClientSession() as http, http.post(
-        url + "/v1/chat/completions", json={"model": "m", "messages": []}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url + "/v1/chat/completions", json={"model": "m", "messages": []}) as r,
+    ):
         assert r.status == 200
     await asyncio.wait_for(mw.control.wait_connected(), 20)  # type: ignore[union-attr]
     await daemon.control.apply(
