@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 import uvloop
 
 from sidecar.testing import DaemonProcess, ReadyProcess, free_port
@@ -58,15 +59,24 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 100 else max(values)
 
 
-async def _bench(direct: str, gateway: str) -> int:
+def _cpu(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+async def _bench(direct: str, gateway: str, gw_pid: int) -> int:
     path = "/v1/chat/completions"
     rates: list[float] = []
+    cpu_per_request: dict[bool, list[float]] = {False: [], True: []}
     for clients in (1, 64):
         for stream in (False, True):
             got: dict[str, list[float]] = {"direct": [], "gateway": []}
             for _ in range(ROUNDS):
                 for name, base in (("direct", direct), ("gateway", gateway)):
+                    cpu0 = _cpu(gw_pid)
                     lat, rate = await _round(base + path, clients, PER_ROUND[clients], stream)
+                    if name == "gateway" and clients == 64:
+                        cpu_per_request[stream].append((_cpu(gw_pid) - cpu0) / len(lat))
                     got[name] += lat
                     if name == "gateway" and clients == 64 and not stream:
                         rates.append(rate)
@@ -79,6 +89,13 @@ async def _bench(direct: str, gateway: str) -> int:
                 f"p99 {g99 - d99:+.2f} ms"
             )
     print(f"through one gateway, 64 clients, unstreamed: {max(rates):,.0f} requests/s (best round)")
+    for stream in (False, True):
+        best = min(cpu_per_request[stream])
+        print(
+            f"gateway CPU per {'streamed' if stream else 'unstreamed'} request (its process, "
+            f"threads included): {best * 1e3:.3f} ms, a ceiling of {1 / best:,.0f} requests/s "
+            "per core"
+        )
     return 0
 
 
@@ -113,7 +130,10 @@ def main() -> int:
         )
         gateway.start()
         try:
-            return uvloop.run(_bench(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{gw_port}"))
+            assert gateway.proc is not None
+            return uvloop.run(
+                _bench(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{gw_port}", gateway.proc.pid)
+            )
         finally:
             gateway.stop()
             daemon.stop()

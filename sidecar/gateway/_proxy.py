@@ -403,17 +403,19 @@ class Gateway:
             return _error(502, f"upstream broke off: {exc}"), Answer(), "upstream"
         finally:
             upstream.release()
-        out = web.StreamResponse(
-            status=upstream.status, headers={**_forward_headers(upstream.headers), **reply_headers}
+        # One write for headers and body; prepared here so that the answer is
+        # recorded after it went out, not before.
+        out = web.Response(
+            body=data,
+            status=upstream.status,
+            headers={**_forward_headers(upstream.headers), **reply_headers},
         )
-        out.content_length = len(data)
         answer = Answer()
         if upstream.status < 400 or data[:1] == b"{":
             with contextlib.suppress(orjson.JSONDecodeError):
                 answer = answer_of(orjson.loads(data), chat)
         try:
             await out.prepare(request)
-            await out.write(data)
             await out.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self.counters["client_disconnects"] += 1
