@@ -11,7 +11,6 @@ unloading goes through a :class:`~sidecar.control.adapters.ModelServerAdapter`.
 from __future__ import annotations
 
 import asyncio
-import configparser
 from pathlib import Path
 from typing import Any
 
@@ -275,29 +274,52 @@ class _LlamaRouterAdapter(_HttpAdapter):
         }
 
     def _add_preset(self, version: str, artifact_uri: str) -> None:
+        """Adds (or points at a new adapter) the version's section of the presets INI.
+
+        The file is edited as lines, not through configparser: llama-server's
+        presets start with keys outside any section (``version = 1``).
+        """
         if self._presets is None:
             raise AdapterError(
                 f"llama-server load {version!r}: gateway.presets_file is not set (the INI "
                 "llama-server was started with --models-preset)"
             )
-        ini = configparser.ConfigParser(interpolation=None)
-        ini.read(self._presets)
-        if ini.has_section(version):
-            ini.set(version, "lora", lora_path(artifact_uri))
+        lora = lora_path(artifact_uri)
+        try:
+            lines = self._presets.read_text().splitlines()
+        except OSError as exc:
+            raise AdapterError(f"llama-server presets {self._presets}: {exc.strerror}") from exc
+        sections: dict[str, dict[str, int]] = {}
+        current = ""
+        for i, line in enumerate(lines):
+            text = line.strip()
+            if text.startswith("[") and text.endswith("]"):
+                current = text[1:-1].strip()
+                sections.setdefault(current, {"_start": i})
+            elif "=" in text and current and not text.startswith((";", "#")):
+                key = text.split("=", 1)[0].strip()
+                sections[current][key] = i
+
+        def value(section: str, key: str) -> str:
+            at = sections.get(section, {}).get(key)
+            return lines[at].split("=", 1)[1].strip() if at is not None else ""
+
+        if version in sections:
+            at = sections[version].get("lora")
+            if at is not None:
+                lines[at] = f"lora = {lora}"
+            else:
+                lines.insert(sections[version]["_start"] + 1, f"lora = {lora}")
         else:
-            base = ini.get("*", "model", fallback="")
-            if not base:
-                for section in ini.sections():
-                    if ini.has_option(section, "model") and not ini.has_option(section, "lora"):
-                        base = ini.get(section, "model")
-                        break
-            ini.add_section(version)
-            if base:
-                ini.set(version, "model", base)
-            ini.set(version, "lora", lora_path(artifact_uri))
+            base = value("*", "model") or next(
+                (value(n, "model") for n in sections if n != "*" and "lora" not in sections[n]),
+                "",
+            )
+            lines += (
+                ["", f"[{version}]"] + ([f"model = {base}"] if base else []) + [f"lora = {lora}"]
+            )
         tmp = self._presets.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            ini.write(f)
+        tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(self._presets)
 
     async def load(self, version: str, artifact_uri: str) -> None:
