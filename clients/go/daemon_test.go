@@ -3,6 +3,8 @@ package atlassidecar
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -15,7 +17,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	pb "github.com/atlas-sidecar/atlas-sidecar/clients/go/atlassidecarv1"
 )
@@ -30,6 +31,91 @@ type daemon struct {
 	logPath string
 	env     []string // KEY=value pairs added to the daemon's environment (config overrides)
 	cmd     *exec.Cmd
+
+	// Set by enableAuth: the tokens file, and the read token status() uses.
+	tokensPath string
+	readToken  string
+	// Set by enableTLS: the daemon's certificate, and what status() dials with.
+	serverTLS *tlsFiles
+	clientTLS *TLSConfig
+}
+
+// The tokens the daemon tests use; an entry in the tokens file is the
+// token's SHA-256, never the token.
+const (
+	testIngestToken = "atls_test-ingest-token"
+	testReadToken   = "atls_test-read-token"
+)
+
+type tokenEntry struct {
+	name, token string
+	roles       []string
+}
+
+func sha256Hex(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return hex.EncodeToString(sum[:])
+}
+
+// enableAuth makes the daemon read a tokens file listing entries (reread
+// every 0.1 s), and status() ask with a read token of its own.
+func (d *daemon) enableAuth(entries ...tokenEntry) {
+	d.t.Helper()
+	d.tokensPath = filepath.Join(filepath.Dir(d.logPath), "tokens.yaml")
+	d.readToken = testReadToken
+	d.writeTokens(entries...)
+}
+
+// writeTokens (re)writes the tokens file with entries and the status
+// reader's entry. It replaces the file whole (a new inode), as a Secret
+// volume update does, so the daemon sees the change.
+func (d *daemon) writeTokens(entries ...tokenEntry) {
+	d.t.Helper()
+	var b strings.Builder
+	b.WriteString("tokens:\n")
+	all := append([]tokenEntry{{name: "test-reader", token: d.readToken, roles: []string{"read"}}}, entries...)
+	for _, e := range all {
+		fmt.Fprintf(&b, "  - name: %s\n    sha256: %s\n    roles: [%s]\n", e.name, sha256Hex(e.token), strings.Join(e.roles, ", "))
+	}
+	tmp := d.tokensPath + ".tmp"
+	if err := os.WriteFile(tmp, []byte(b.String()), 0o600); err != nil {
+		d.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, d.tokensPath); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
+// enableTLS makes the daemon serve TLS with a certificate for 127.0.0.1 and
+// localhost from a CA made here; mutual demands a client certificate that CA
+// signed. It returns the files, whose CA status() trusts.
+func (d *daemon) enableTLS(mutual bool) *tlsFiles {
+	d.t.Helper()
+	f := makeTLSFiles(d.t, filepath.Dir(d.logPath))
+	d.serverTLS = f
+	d.clientTLS = &TLSConfig{CAFile: f.ca}
+	if mutual {
+		d.clientTLS.CertFile, d.clientTLS.KeyFile = f.clientCert, f.clientKey
+	}
+	return f
+}
+
+func (d *daemon) daemonEnv() []string {
+	env := append([]string{}, d.env...)
+	if d.tokensPath != "" {
+		env = append(env,
+			"ATLAS_SIDECAR__AUTH__TOKENS_FILE="+d.tokensPath,
+			"ATLAS_SIDECAR__AUTH__RELOAD_INTERVAL_SECONDS=0.1")
+	}
+	if f := d.serverTLS; f != nil {
+		env = append(env,
+			"ATLAS_SIDECAR__SERVER__TLS__CERT_FILE="+f.serverCert,
+			"ATLAS_SIDECAR__SERVER__TLS__KEY_FILE="+f.serverKey)
+		if d.clientTLS.CertFile != "" {
+			env = append(env, "ATLAS_SIDECAR__SERVER__TLS__CLIENT_CA_FILE="+f.ca)
+		}
+	}
+	return env
 }
 
 func sidecarBinary(t *testing.T) string {
@@ -81,7 +167,7 @@ func (d *daemon) start() {
 	}
 	defer logFile.Close()
 	cmd := exec.Command(d.bin, "serve", "--listen", d.target(), "--http-listen", "", "--data-dir", d.dataDir)
-	cmd.Env = append(os.Environ(), d.env...)
+	cmd.Env = append(os.Environ(), d.daemonEnv()...)
 	cmd.Stderr = logFile
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -154,21 +240,31 @@ func (d *daemon) logTail() string {
 	return string(b)
 }
 
-// status asks the daemon's AdminService.GetStatus.
+// status asks the daemon's AdminService.GetStatus (with the read token and
+// the CA when auth or TLS is on).
 func (d *daemon) status() *pb.Status {
 	d.t.Helper()
-	conn, err := grpc.NewClient(d.target(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		d.t.Fatal(err)
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	st, err := pb.NewAdminServiceClient(conn).GetStatus(ctx, &pb.GetStatusRequest{})
+	st, err := d.statusWith(Security{Token: d.readToken, TLS: d.clientTLS})
 	if err != nil {
 		d.t.Fatalf("GetStatus: %v", err)
 	}
 	return st
+}
+
+// statusWith calls GetStatus on a channel made by DialOptions(sec).
+func (d *daemon) statusWith(sec Security) (*pb.Status, error) {
+	opts, err := DialOptions(sec)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := grpc.NewClient(d.target(), opts...)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return pb.NewAdminServiceClient(conn).GetStatus(ctx, &pb.GetStatusRequest{})
 }
 
 func isUUIDv7(id string) bool {

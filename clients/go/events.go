@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -13,7 +14,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -58,8 +58,19 @@ type EventStreamOptions struct {
 	// reconnects (defaults 50 ms and 2 s).
 	BackoffInitial time.Duration
 	BackoffMax     time.Duration
-	// DialOptions are added to the channel's options (insecure credentials
-	// are the default: the sidecar listens on loopback).
+	// Token goes on every call as "authorization: Bearer <token>". Empty:
+	// the value of ATLAS_SIDECAR_TOKEN (TokenEnv); empty too: no token.
+	Token string
+	// TLS, when set, makes the channel TLS, mutual TLS with a client
+	// certificate (the sidecar's server.tls). Nil: plaintext, for a sidecar
+	// on loopback or a Unix socket.
+	TLS *TLSConfig
+	// Logger receives what the stream has to say on its own: a refusal
+	// (UNAUTHENTICATED, PERMISSION_DENIED), once until the next ack.
+	// Default slog.Default().
+	Logger *slog.Logger
+	// DialOptions are added after the channel's own options (Token and TLS,
+	// the reconnect backoff), so they can override them.
 	DialOptions []grpc.DialOption
 }
 
@@ -85,6 +96,9 @@ func (o EventStreamOptions) withDefaults() EventStreamOptions {
 	}
 	if o.BackoffMax <= 0 {
 		o.BackoffMax = 2 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
 	}
 	return o
 }
@@ -121,6 +135,10 @@ var ErrClosed = errors.New("atlassidecar: event stream closed")
 // Rejections are permanent: rejected events, and batches the sidecar refuses
 // whole with INVALID_ARGUMENT, are counted and never resent; transient
 // failures (UNAVAILABLE, RESOURCE_EXHAUSTED, ...) are retried with backoff.
+// A refusal of the client itself (UNAUTHENTICATED: no or an unknown token;
+// PERMISSION_DENIED: a token without the ingest role) is logged once, keeps
+// the events queued and is retried at BackoffMax, so a token fixed in the
+// sidecar's tokens file is picked up without restarting the client.
 // A stream is opened only when there is something to send, so one the
 // sidecar closed for being idle comes back with the next event.
 //
@@ -153,20 +171,25 @@ type EventStream struct {
 	accepted, duplicates, rejected, reconnects  atomic.Uint64
 	rejectedBatches                             atomic.Uint64
 	lastError                                   atomic.Value
+	// refusedLogged is set when a refusal was logged, cleared by an ack.
+	refusedLogged atomic.Bool
 }
 
 // NewEventStream connects lazily to target (host:port, or unix:path) and
-// starts the background sender. It fails only on bad options.
+// starts the background sender. It fails only on bad options (TLS files
+// that cannot be read count as bad options).
 func NewEventStream(target string, opts EventStreamOptions) (*EventStream, error) {
 	opts = opts.withDefaults()
-	dial := append([]grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		// The channel's own reconnect backoff (1 s growing to 120 s by
-		// default) would leave a restarted sidecar unused for minutes.
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
-			BaseDelay: opts.BackoffInitial, Multiplier: 1.6, Jitter: 0.2, MaxDelay: opts.BackoffMax,
-		}}),
-	}, opts.DialOptions...)
+	dial, err := DialOptions(Security{Token: opts.Token, TLS: opts.TLS})
+	if err != nil {
+		return nil, err
+	}
+	// The channel's own reconnect backoff (1 s growing to 120 s by default)
+	// would leave a restarted sidecar unused for minutes.
+	dial = append(dial, grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
+		BaseDelay: opts.BackoffInitial, Multiplier: 1.6, Jitter: 0.2, MaxDelay: opts.BackoffMax,
+	}}))
+	dial = append(dial, opts.DialOptions...)
 	conn, err := grpc.NewClient(target, dial...)
 	if err != nil {
 		return nil, fmt.Errorf("atlassidecar: target %q: %w", target, err)
@@ -435,6 +458,16 @@ func (s *EventStream) connLoop() {
 		if gotAck {
 			delay = s.opts.BackoffInitial
 		}
+		if code := status.Code(err); code == codes.Unauthenticated || code == codes.PermissionDenied {
+			// A missing, unknown or unentitled token: say so once, keep the
+			// events queued, and retry at the slowest pace until it is fixed.
+			if !s.refusedLogged.Swap(true) {
+				s.opts.Logger.Error("atlassidecar: the sidecar refused this client; events stay queued. "+
+					"Check the token (EventStreamOptions.Token or "+TokenEnv+")",
+					"code", code.String(), "error", status.Convert(err).Message(), "pending", s.Pending())
+			}
+			delay = s.opts.BackoffMax
+		}
 		s.reconnects.Add(1)
 		select {
 		case <-time.After(time.Duration(rand.Int64N(int64(delay) + 1))):
@@ -500,6 +533,7 @@ func (s *EventStream) runStream() (gotAck bool, err error) {
 				return
 			}
 			acked.Store(true)
+			s.refusedLogged.Store(false)
 			s.retire(ack)
 		}
 	}()

@@ -19,10 +19,13 @@ func flushOrFail(t *testing.T, s *EventStream, timeout time.Duration) {
 	}
 }
 
+// Auth is on, as in production: the stream sends an ingest token, and
+// d.status() asks with a read token.
 func TestEventStreamDeliversToRealDaemon(t *testing.T) {
 	d := newDaemon(t)
+	d.enableAuth(tokenEntry{"producer", testIngestToken, []string{"ingest"}})
 	d.start()
-	s, err := NewEventStream(d.target(), EventStreamOptions{BatchSize: 50})
+	s, err := NewEventStream(d.target(), EventStreamOptions{BatchSize: 50, Token: testIngestToken})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,9 +96,10 @@ func TestEventStreamDeliversToRealDaemon(t *testing.T) {
 // ends up with every event exactly once.
 func TestEventStreamResendsAfterDaemonCrash(t *testing.T) {
 	d := newDaemon(t)
+	d.enableAuth(tokenEntry{"producer", testIngestToken, []string{"ingest"}})
 	d.start()
 	s, err := NewEventStream(d.target(), EventStreamOptions{
-		BatchSize: 20, BackoffInitial: 20 * time.Millisecond, BackoffMax: 200 * time.Millisecond,
+		Token: testIngestToken, BatchSize: 20, BackoffInitial: 20 * time.Millisecond, BackoffMax: 200 * time.Millisecond,
 	})
 	if err != nil {
 		t.Fatal(err)

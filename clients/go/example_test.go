@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"time"
 
+	"google.golang.org/grpc"
+
 	atlas "github.com/atlas-sidecar/atlas-sidecar/clients/go"
 	pb "github.com/atlas-sidecar/atlas-sidecar/clients/go/atlassidecarv1"
 )
@@ -34,6 +36,30 @@ func Example() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = stream.Flush(ctx) // waits for the sidecar's acks
+}
+
+// Any of the sidecar's services with the same token and TLS as an
+// EventStream. (Compiled, not run: it needs a sidecar.)
+func ExampleDialOptions() {
+	opts, err := atlas.DialOptions(atlas.Security{
+		Token: "", // empty: $ATLAS_SIDECAR_TOKEN
+		TLS:   &atlas.TLSConfig{CAFile: "/etc/atlas-sidecar/tls/ca.crt"},
+	})
+	if err != nil {
+		panic(err)
+	}
+	conn, err := grpc.NewClient("sidecar:50051", opts...)
+	if err != nil {
+		panic(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := pb.NewAdminServiceClient(conn).GetStatus(ctx, &pb.GetStatusRequest{}) // the read role
+	if err != nil {
+		panic(err) // UNAUTHENTICATED: no or an unknown token; PERMISSION_DENIED: no read role
+	}
+	fmt.Println(st.GetEvents().GetAccepted())
 }
 
 func ExampleRouter() {

@@ -2,7 +2,6 @@ import {
   type ChannelCredentials,
   type ClientDuplexStream,
   type ClientOptions,
-  credentials as grpcCredentials,
   Metadata,
   type ServiceError,
   status as grpcStatus,
@@ -19,6 +18,7 @@ import {
   Inference,
 } from "./gen/atlas/sidecar/v1/events.js";
 import { IngestServiceClient } from "./gen/atlas/sidecar/v1/ingest.js";
+import { type ChannelSecurity, channelSecurity, TOKEN_ENV, type TlsOptions } from "./security.js";
 
 /**
  * The sidecar's default `ingest.max_events_per_batch`: a larger batch is
@@ -45,7 +45,16 @@ export interface EventStreamOptions {
   /** Bounds of the jittered wait between reconnects (defaults 50 ms and 2000 ms). */
   backoffInitialMs?: number;
   backoffMaxMs?: number;
-  /** Channel credentials (default insecure: the sidecar listens on loopback). */
+  /**
+   * Sent on every call as `authorization: Bearer <token>`. Default
+   * `process.env.ATLAS_SIDECAR_TOKEN`; empty: no token.
+   */
+  token?: string;
+  /** TLS, mutual TLS with a client certificate (the sidecar's `server.tls`); absent: plaintext, for loopback or a Unix socket. */
+  tls?: TlsOptions;
+  /** Where the stream says what it has to say on its own: a refusal (UNAUTHENTICATED, PERMISSION_DENIED), once until the next ack. Default `console.error`. */
+  log?: (message: string) => void;
+  /** Channel credentials of your own, used instead of `tls`; the token then goes as call metadata. */
   credentials?: ChannelCredentials;
   /** gRPC channel options. */
   channelOptions?: Partial<ClientOptions>;
@@ -156,6 +165,11 @@ type Waiter = () => void;
  * stream is opened only when there is something to send, so one the sidecar
  * closed for being idle comes back with the next event.
  *
+ * A refusal of the client itself (UNAUTHENTICATED: no or an unknown token;
+ * PERMISSION_DENIED: a token without the ingest role) is logged once, keeps
+ * the events queued and is retried at `backoffMaxMs`, so a token fixed in the
+ * sidecar's tokens file is picked up without restarting the client.
+ *
  * While connected the stream keeps the process alive: call `close()` on exit.
  */
 export class EventStream {
@@ -181,6 +195,10 @@ export class EventStream {
   private readonly backoffInitialMs: number;
   private readonly backoffMaxMs: number;
   private readonly client: IngestServiceClient;
+  private readonly security: ChannelSecurity;
+  private readonly log: (message: string) => void;
+  /** Set when a refusal was logged, cleared by an ack. */
+  private refusedLogged = false;
 
   private readonly queue = new Deque<Event>();
   /** Batches sent or waiting to be sent, oldest first. */
@@ -212,11 +230,17 @@ export class EventStream {
     this.backoffInitialMs = positive("backoffInitialMs", options.backoffInitialMs, 50);
     this.backoffMaxMs = positive("backoffMaxMs", options.backoffMaxMs, 2000);
     this.backoffMs = this.backoffInitialMs;
-    this.client = new IngestServiceClient(target, options.credentials ?? grpcCredentials.createInsecure(), {
+    this.security =
+      options.credentials === undefined
+        ? channelSecurity({ token: options.token, tls: options.tls })
+        : { ...channelSecurity({ token: options.token }), credentials: options.credentials };
+    this.log = options.log ?? ((message) => console.error(message));
+    this.client = new IngestServiceClient(target, this.security.credentials, {
       // The channel's own reconnect backoff (1 s growing to 120 s by default)
       // would leave a restarted sidecar unused for minutes: follow ours.
       "grpc.initial_reconnect_backoff_ms": this.backoffInitialMs,
       "grpc.max_reconnect_backoff_ms": this.backoffMaxMs,
+      ...this.security.channelOptions,
       ...options.channelOptions,
     });
   }
@@ -396,7 +420,7 @@ export class EventStream {
   private connect(): void {
     // Wait for the channel to be ready instead of failing at once: while the
     // sidecar is away the call waits (and holds nothing the queue does not).
-    const md = new Metadata();
+    const md: Metadata = this.security.metadata();
     md.setOptions({ waitForReady: true });
     const call = this.client.streamEvents(md);
     this.call = call;
@@ -425,6 +449,18 @@ export class EventStream {
       if (this.closed) {
         return;
       }
+      if (code === grpcStatus.UNAUTHENTICATED || code === grpcStatus.PERMISSION_DENIED) {
+        // A missing, unknown or unentitled token: say so once, keep the
+        // events queued, and retry at the slowest pace until it is fixed.
+        if (!this.refusedLogged) {
+          this.refusedLogged = true;
+          this.log(
+            `atlas-sidecar: the sidecar refused this client (${why}); ${this.pending} events stay queued. ` +
+              `Check the token (the token option or ${TOKEN_ENV})`,
+          );
+        }
+        this.backoffMs = this.backoffMaxMs;
+      }
       call.cancel();
       this.stats.reconnects++;
       const delay = Math.random() * this.backoffMs;
@@ -442,10 +478,13 @@ export class EventStream {
     call.on("data", (ack: IngestAck) => {
       if (this.call === call) {
         this.backoffMs = this.backoffInitialMs;
+        this.refusedLogged = false;
         this.retire(ack);
       }
     });
-    call.on("error", (err: ServiceError) => finish(`${err.code}: ${err.details || err.message}`, err.code));
+    call.on("error", (err: ServiceError) =>
+      finish(`${grpcStatus[err.code] ?? err.code}: ${err.details || err.message}`, err.code),
+    );
     call.on("end", () => finish("stream ended by the sidecar"));
     this.pump();
   }

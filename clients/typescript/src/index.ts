@@ -24,6 +24,14 @@ export {
   type RouterOptions,
   stickyKey,
 } from "./router.js";
+export {
+  type ChannelSecurity,
+  channelSecurity,
+  resolveToken,
+  type SecurityOptions,
+  TOKEN_ENV,
+  type TlsOptions,
+} from "./security.js";
 export * as activeLearning from "./gen/atlas/sidecar/v1/active_learning.js";
 export * as admin from "./gen/atlas/sidecar/v1/admin.js";
 export * as control from "./gen/atlas/sidecar/v1/control.js";

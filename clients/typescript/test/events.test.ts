@@ -4,7 +4,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 
 import { Role, Signal } from "../src/gen/atlas/sidecar/v1/events.js";
 import { EventStream } from "../src/index.js";
-import { Daemon, freePort } from "./daemon.js";
+import { Daemon, freePort, INGEST_TOKEN, producer as producerEntry } from "./daemon.js";
 
 const UUID7 = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
 
@@ -18,11 +18,14 @@ async function waitFor(what: string, cond: () => boolean, timeoutMs = 30_000): P
   }
 }
 
+// Auth is on, as in production: the stream sends an ingest token, and
+// daemon.status() asks with a read token.
 test("events reach the real daemon, which counts each once", async (t) => {
   const daemon = await Daemon.create();
   t.after(() => daemon.dispose());
+  daemon.enableAuth(producerEntry(INGEST_TOKEN));
   await daemon.start();
-  const stream = new EventStream(daemon.target, { batchSize: 50 });
+  const stream = new EventStream(daemon.target, { batchSize: 50, token: INGEST_TOKEN });
   t.after(() => stream.close());
 
   const ids: string[] = [];
@@ -76,8 +79,14 @@ test("events reach the real daemon, which counts each once", async (t) => {
 test("after the daemon is killed and restarted, unacked batches are resent and stored exactly once", async (t) => {
   const daemon = await Daemon.create();
   t.after(() => daemon.dispose());
+  daemon.enableAuth(producerEntry(INGEST_TOKEN));
   await daemon.start();
-  const stream = new EventStream(daemon.target, { batchSize: 20, backoffInitialMs: 20, backoffMaxMs: 200 });
+  const stream = new EventStream(daemon.target, {
+    token: INGEST_TOKEN,
+    batchSize: 20,
+    backoffInitialMs: 20,
+    backoffMaxMs: 200,
+  });
   t.after(() => stream.close());
 
   let produced = 0;
