@@ -19,7 +19,7 @@ from atlas_sidecar_client.pb import events_pb2
 
 from sidecar.app import SidecarApp
 from sidecar.config import GatewayConfig
-from sidecar.control._state import DesiredState, RouteSpec
+from sidecar.control._plane import DesiredState, RouteSpec, ShadowSpec
 from sidecar.gateway import Gateway
 from sidecar.store import decode_log_value
 from sidecar.testing import LlamaServerProcess, free_port
@@ -155,8 +155,7 @@ async def test_answers_streamed_or_not_are_recorded_mirrors_as_shadow_and_feedba
         loaded=frozenset({"base", "v1"}),
         routes=(RouteSpec("base", 10_000),),
         stable_version="base",
-        shadow_version="v1",
-        mirror_bps=10_000,
+        shadow=ShadowSpec("v1", 10_000),
     )
     base = f"http://127.0.0.1:{gw.port}"
     async with aiohttp.ClientSession() as http:
