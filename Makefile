@@ -23,7 +23,7 @@ TS_OUT := $(TS_CLIENT)/src/gen
 TS_STAMP := $(TS_CLIENT)/node_modules/.installed
 CLIENTS_OUT := $(GO_OUT) $(TS_OUT)
 
-.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench llama-server smollm2 clean help
+.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench llama-server llama-model test-servers clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -98,8 +98,11 @@ lint: $(STAMP) $(BUF) proto-check clients-check  ## ruff, mypy --strict, buf lin
 llama-server: $(STAMP)  ## build llama-server once into ~/.cache/atlas-sidecar (11-18 min on 2 cores; reused after)
 	scripts/build_llama_server.sh $(PY)
 
-smollm2: $(STAMP)  ## fetch the SmolLM2-135M GGUF the server tests run into ~/.cache/atlas-sidecar (98 MB; reused after)
+llama-model: $(STAMP)  ## fetch the SmolLM2-135M GGUF the server tests run into ~/.cache/atlas-sidecar (98 MB; reused after)
 	scripts/fetch_smollm2.sh $(PY)
+
+test-servers: llama-server llama-model  ## tests against a real llama-server (router and single mode, LoRA versions)
+	$(PY) -m pytest -q -p no:cacheprovider tests/servers $(PYTEST_ARGS)
 
 sanitize: $(STAMP)  ## the C ingest path under AddressSanitizer + UBSan (its property tests, 5x the examples)
 	PY=$(PY) scripts/sanitize.sh

@@ -1,7 +1,7 @@
 """A real llama-server (llama.cpp) for tests: the binary and model from the cache,
 LoRA adapters written without torch, and the server in router or single mode.
 
-``make llama-server`` builds the binary once into the cache and ``make smollm2``
+``make llama-server`` builds the binary once into the cache and ``make llama-model``
 fetches the model (``make test-servers`` does both). The cache is
 ``$ATLAS_SIDECAR_CACHE`` or ``~/.cache/atlas-sidecar``::
 
@@ -89,7 +89,9 @@ def smollm2_gguf() -> Path:
     """
     path = sidecar_cache_dir() / f"smollm2-{SMOLLM2_VERSION}" / SMOLLM2_FILE
     if not path.is_file():
-        raise LlamaServerError(f"the SmolLM2 model is not fetched (no {path}): run `make smollm2`")
+        raise LlamaServerError(
+            f"the SmolLM2 model is not fetched (no {path}): run `make llama-model`"
+        )
     return path
 
 
@@ -109,9 +111,11 @@ def make_lora_adapter(
 
     Each target weight ``blk.<layer>.<target>.weight`` of the base gets
     ``lora_a`` (rank x n_in) and ``lora_b`` (n_out x rank), numpy order; the server
-    adds ``alpha / rank * B @ A`` to it. ``b_scale`` scales B: a random adapter with
-    B of the usual small size hardly moves a greedy answer, 1.0 (B entries of about
-    1/sqrt(rank)) changes it. The same arguments write the same file.
+    adds ``alpha / rank * B @ A`` to it. ``b_scale`` scales B, whose entries are
+    about ``b_scale / sqrt(rank)``: far above a trained adapter's, so that two seeds
+    give two different greedy answers. On SmolLM2 at 1.0 the answers still read as
+    sentences; from about 2.0 they turn to noise. The same arguments write the same
+    file.
 
     Raises:
         ValueError: ``base`` has no such layer or target.
