@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--data-dir", required=True, metavar="DIR", help="the daemon's data dir")
 
+    from sidecar.gateway._run import add_gateway_args
+
+    add_gateway_args(
+        sub.add_parser("gateway", help="an OpenAI-compatible proxy in front of a model server")
+    )
+
     t = sub.add_parser(
         "token",
         help="mint a token, or hash one, for auth.tokens_file",
@@ -341,6 +347,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.data_dir, settings=settings)
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from sidecar.gateway._run import run_gateway_command
+
+    return run_gateway_command(args)
+
+
 def _token(args: argparse.Namespace) -> int:
     import yaml
 
@@ -375,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": _check,
         "demo": _demo,
         "token": _token,
+        "gateway": _gateway,
     }
     commands.update({name: run for name, (_setup, run) in EXTRA_COMMANDS.items()})
     return commands[args.command](args)
