@@ -47,6 +47,7 @@ from sidecar.rollout._observe import (
 )
 from sidecar.rollout._record import RolloutRecord, Transition
 from sidecar.rollout._sequential import RateRatioTest
+from sidecar.scoring import WeightTable
 from sidecar.store import Store, StoreWriter, append_history
 from sidecar.telemetry import instruments as ins
 
@@ -123,7 +124,10 @@ class RolloutEngine:
         comparator: Comparator | None = None,
         autorun: bool = True,
         candidates: CandidateSource | None = None,
+        weights: WeightTable | None = None,
     ) -> None:
+        """``weights``: the configured scoring table (scoring.*), so that the
+        canary's feedback guardrail means by reward what the training data does."""
         self._store = store
         #: The model registry: a rollout of a version it does not hold is
         #: refused, and the rollout loads the artifact it registered. None
@@ -146,6 +150,7 @@ class RolloutEngine:
             good_reward=config.regression_min_reward,
             join_capacity=config.feedback_join_capacity,
             feedback_window_ms=round(config.feedback_window_seconds * 1000),
+            weights=weights,
         )
         self._probe_cmp = comparator_by_name(config.validation.comparator)
         self._autorun = autorun

@@ -38,6 +38,7 @@ from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import TelemetryConfig
 from sidecar.errors import ConfigError
 from sidecar.ingest import BatchInfo
+from sidecar.scoring import WeightTable
 from sidecar.store import IngestResult, ProcessorRunner, Store, StoreWriter, read_history
 from sidecar.telemetry import instruments as ins
 from sidecar.telemetry._cardinality import VersionLabels
@@ -96,7 +97,10 @@ class Telemetry:
         metric_readers: Sequence[MetricReader] = (),
         environ: Mapping[str, str] | None = None,
         pinned_versions: Callable[[], Iterable[str]] | None = None,
+        weights: WeightTable | None = None,
     ) -> None:
+        """``weights``: the configured scoring table, so that the rewards in
+        ``/metrics`` and the dashboard are the training data's rewards."""
         env = dict(os.environ if environ is None else environ)
         self.config = config
         self.enabled = config.enabled and env.get("OTEL_SDK_DISABLED", "").lower() not in _TRUE
@@ -128,7 +132,11 @@ class Telemetry:
         self.registry = CollectorRegistry()
         self.traffic = (
             TrafficView(
-                store, writer, config, labels=VersionLabels(config.max_versions, pinned_versions)
+                store,
+                writer,
+                config,
+                labels=VersionLabels(config.max_versions, pinned_versions),
+                table=weights,
             )
             if self.enabled
             else None
