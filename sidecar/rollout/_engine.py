@@ -26,6 +26,7 @@ import lmdb
 import numpy as np
 from atlas_sidecar_client import uuid7
 
+from sidecar import instruments as ins
 from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import CanaryConfig, RolloutConfig
 from sidecar.control import ControlPlane, DesiredState, RouteSpec, ShadowSpec
@@ -49,7 +50,6 @@ from sidecar.rollout._record import RolloutRecord, Transition
 from sidecar.rollout._sequential import RateRatioTest
 from sidecar.scoring import WeightTable
 from sidecar.store import Store, StoreWriter, append_history
-from sidecar.telemetry import instruments as ins
 
 __all__ = ["Clock", "JudgeFactory", "RolloutEngine", "SystemClock"]
 

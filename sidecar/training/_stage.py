@@ -34,6 +34,7 @@ import grpc
 import lmdb
 from atlas_sidecar_client.pb import admin_pb2
 
+from sidecar import instruments as ins
 from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import SidecarConfig
 from sidecar.errors import SidecarError, StoreError, StoreFullError
@@ -53,7 +54,6 @@ from sidecar.scoring import (
 )
 from sidecar.scoring._weights import current_weight_version
 from sidecar.store import Store, StoreWriter, append_history, encode_u64, read_history
-from sidecar.telemetry import instruments as ins
 from sidecar.telemetry._cardinality import fold_versions
 from sidecar.training._composer import (
     BatchComposer,
