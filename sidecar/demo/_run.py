@@ -145,7 +145,6 @@ def sidecar_config(settings: DemoSettings, models_dir: Path) -> dict[str, Any]:
             "auto_start": True,
             "evaluate_interval_seconds": 0.5,
             "checkpoint_interval_seconds": 2.0,
-            "converge_seconds": 5.0,
             "unload_after_seconds": 5.0,
             "regression_pool": 200,
             "initial_stable_version": "v1",

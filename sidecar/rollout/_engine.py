@@ -249,13 +249,6 @@ class RolloutEngine:
     def active(self) -> RolloutRecord | None:
         return self._active
 
-    async def on_candidate_registered(self, version: str, *_: Any, **__: Any) -> str:
-        """Registry callback: starts a rollout when ``auto_start`` is on; returns its id."""
-        if not self._cfg.auto_start or self._active is not None:
-            return ""
-        rec = await self.start_rollout(version, reason="candidate registered (auto_start)")
-        return rec.rollout_id
-
     async def start_rollout(
         self,
         candidate: str,
