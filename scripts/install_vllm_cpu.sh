@@ -101,4 +101,9 @@ if [ ! -s "$GGUF" ]; then
     echo "no $GGUF: run \`make llama-model\` first" >&2
     exit 1
 fi
+if [ -e "$ROOT/smollm2-hf/config.json" ] && [ -e "$ROOT/lora/a/adapter_config.json" ] &&
+    [ -e "$ROOT/lora/b/adapter_config.json" ]; then
+    echo "SmolLM2 (Hugging Face folder) and LoRA adapters a, b: cached in $ROOT"
+    exit 0
+fi
 "$VENV/bin/python" "$HERE/scripts/make_vllm_models.py" "$GGUF" "$ROOT"
