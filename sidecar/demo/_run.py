@@ -36,7 +36,7 @@ from atlas_sidecar_client import TOKEN_ENV, ChannelSecurity
 
 from sidecar._private import open_private
 from sidecar.demo._report import VersionSummary, build_report, read_user_stats, write_report
-from sidecar.rollout._record import state_name
+from sidecar.rollout import state_name
 from sidecar.testing import DaemonProcess, ReadyProcess
 
 __all__ = ["DemoSettings", "run_demo"]

@@ -8,9 +8,10 @@ the import graph and fails on one.
 
 from __future__ import annotations
 
+from sidecar.telemetry._cardinality import fold_versions
 from sidecar.telemetry._logging import configure_logging
 from sidecar.telemetry._report import LearningMonitor
 from sidecar.telemetry._setup import Telemetry
 from sidecar.telemetry._traffic import TrafficView
 
-__all__ = ["LearningMonitor", "Telemetry", "TrafficView", "configure_logging"]
+__all__ = ["LearningMonitor", "Telemetry", "TrafficView", "configure_logging", "fold_versions"]

@@ -44,6 +44,7 @@ from sidecar.scoring import (
     EXPORT_KINDS,
     FeedbackProcessor,
     Sample,
+    current_weight_version,
     encode_row,
     iter_export_rows,
     iter_pairs,
@@ -52,9 +53,8 @@ from sidecar.scoring import (
     read_all_version_feedback,
     read_counters,
 )
-from sidecar.scoring._weights import current_weight_version
 from sidecar.store import Store, StoreWriter, append_history, encode_u64, read_history
-from sidecar.telemetry._cardinality import fold_versions
+from sidecar.telemetry import fold_versions
 from sidecar.training._composer import (
     BatchComposer,
     ComposeContext,
