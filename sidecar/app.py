@@ -20,6 +20,7 @@ from atlas_sidecar_client.pb import (
     admin_pb2_grpc,
     control_pb2,
     control_pb2_grpc,
+    events_pb2,
     ingest_pb2,
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,7 +44,7 @@ from sidecar.auth import (
 from sidecar.config import SidecarConfig
 from sidecar.control import ControlChannel
 from sidecar.control.adapters import AdapterStage
-from sidecar.errors import ConfigError, PortInUseError
+from sidecar.errors import ConfigError, PortInUseError, StoreError
 from sidecar.ingest import IngestServicer
 from sidecar.learning import (
     ActiveLearner,
@@ -63,7 +64,7 @@ from sidecar.learning import (
     learning_quality_report,
 )
 from sidecar.rollout import RecentGoodAnswers, RegressionCase, RolloutAdmin, RolloutEngine
-from sidecar.scoring import FeedbackProcessor
+from sidecar.scoring import FeedbackProcessor, table_from_config
 from sidecar.store import (
     FatalHandler,
     PageRelease,
@@ -234,6 +235,7 @@ class SidecarApp:
             processors=self.processors,
             open_streams=lambda: self.ingest.open_streams,
             pinned_versions=self.pinned_versions,
+            weights=table_from_config(config.scoring),
             **(telemetry_options or {}),
         )
         if self.telemetry.enabled:
@@ -345,6 +347,7 @@ class SidecarApp:
             config.rollout,
             regression=_FirstNonEmpty(self.regression, RecentGoodAnswers(self.store)),
             candidates=self.registry,
+            weights=table_from_config(config.scoring),
         )
         self.processors.add(self.rollouts.observer)
         self.stages.append(self.rollouts)
@@ -408,6 +411,38 @@ class SidecarApp:
             server_ids=[self.config.control.adapter.server_id],
         )
         return token
+
+    async def _http_feedback(self, raw: bytes) -> Any:
+        """``POST /v1/feedback`` on the HTTP listener: one Feedback event, as the gateway takes it."""
+        from aiohttp import web
+        from atlas_sidecar_client import uuid7
+        from atlas_sidecar_client.openai import BadFeedback, parse_feedback
+
+        try:
+            f = parse_feedback(raw)
+        except BadFeedback as exc:
+            return web.json_response({"error": {"message": str(exc)}}, status=400)
+        event = events_pb2.Event(
+            event_id=uuid7(),
+            feedback=events_pb2.Feedback(
+                request_id=f.request_id,
+                signal=f.signal,  # type: ignore[arg-type]
+                dwell_ms=f.dwell_ms,
+                correction=f.correction,
+                user_id=f.user_id,
+                session_id=f.session_id,
+            ),
+        )
+        if f.rating is not None:
+            event.feedback.rating = f.rating
+        event.time.GetCurrentTime()
+        try:
+            ack = await self.ingest.record(events_pb2.EventBatch(events=[event]))
+        except StoreError as exc:
+            return web.json_response({"error": {"message": str(exc)}}, status=503)
+        if ack.rejected:
+            return web.json_response({"error": {"message": ack.rejected[0].reason}}, status=400)
+        return web.json_response({"ok": True, "event_id": event.event_id}, status=202)
 
     def _token_name(self, context: grpc.aio.ServicerContext) -> str | None:
         who = self.auth.identity_of(context.invocation_metadata())
@@ -498,6 +533,7 @@ class SidecarApp:
                     report=self.monitor.report_dict,
                     rollout=self.monitor.rollout_dict,
                     refresh_seconds=cfg.telemetry.dashboard_refresh_seconds,
+                    feedback=self._http_feedback,
                     ssl_context=ssl_context,
                 )
                 HttpAuth(

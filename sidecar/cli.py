@@ -45,6 +45,14 @@ EXTRA_COMMANDS: dict[
 ] = {}
 
 
+#: One line each for ``atlas-sidecar --help``.
+EXTRA_HELP = {
+    "export": "write a running (or stopped) daemon's training rows as JSONL",
+    "reprocess": "rebuild every score, sample and pair from the log (daemon stopped)",
+    "rollout": "start, promote, abort, roll back and list rollouts",
+}
+
+
 def _register_stage_commands() -> None:
     """Adds the stages' subcommands (export, reprocess, rollout ...); imported lazily
     so that ``atlas-sidecar status`` does not pay for the whole daemon."""
@@ -99,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         "(events and their ids, cursors within the log). Run it while the daemon is stopped.",
     )
     c.add_argument("--data-dir", required=True, metavar="DIR", help="the daemon's data dir")
+
+    from sidecar.gateway._run import add_gateway_args
+
+    add_gateway_args(
+        sub.add_parser("gateway", help="an OpenAI-compatible proxy in front of a model server")
+    )
 
     t = sub.add_parser(
         "token",
@@ -167,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     for name, (setup, _run) in EXTRA_COMMANDS.items():
-        setup(sub.add_parser(name))
+        setup(sub.add_parser(name, help=EXTRA_HELP.get(name)))
     return p
 
 
@@ -327,7 +341,15 @@ def _validate_config(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import DemoSettings, run_demo
+    try:
+        from sidecar.demo import DemoSettings, run_demo
+    except ImportError as exc:
+        print(
+            f"atlas-sidecar demo: {exc.name} is missing: install the demo extra "
+            "(pip install 'atlas-sidecar[demo]'; make demo does)",
+            file=sys.stderr,
+        )
+        return 2
 
     settings = DemoSettings(
         rate=args.rate,
@@ -339,6 +361,12 @@ def _demo(args: argparse.Namespace) -> int:
         settle_s=args.settle,
     )
     return run_demo(args.data_dir, settings=settings)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from sidecar.gateway._run import run_gateway_command
+
+    return run_gateway_command(args)
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -375,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": _check,
         "demo": _demo,
         "token": _token,
+        "gateway": _gateway,
     }
     commands.update({name: run for name, (_setup, run) in EXTRA_COMMANDS.items()})
     return commands[args.command](args)

@@ -35,6 +35,7 @@ __all__ = [
     "AdminConfig",
     "AuthConfig",
     "ControlConfig",
+    "GatewayConfig",
     "HoldoutConfig",
     "IngestConfig",
     "LearningConfig",
@@ -714,9 +715,6 @@ class RolloutConfig(_Section):
     initial_stable_version: str = ""
     # Lease carried by every traffic split (see control.proto).
     lease_seconds: int = Field(default=30, ge=0)
-    # Seconds for the inference servers to apply a new split before a stage is
-    # held as if it had no traffic (the stage deadline still applies).
-    converge_seconds: float = Field(default=30.0, gt=0)
     # After a promotion or rollback the replaced version stays loaded this long.
     unload_after_seconds: float = Field(default=600.0, ge=0)
     # Recent good PRIMARY answers kept as the default regression set.
@@ -797,6 +795,74 @@ class ControlConfig(_Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
 
 
+GatewayBackend = Literal["openai", "vllm", "sglang", "lorax", "llama-router", "llama-lora"]
+
+
+class GatewayConfig(_Section):
+    """``atlas-sidecar gateway``: an OpenAI-compatible proxy in front of a model server."""
+
+    # The model server's base URL (no /v1), e.g. http://127.0.0.1:8000.
+    upstream: str = ""
+    # Where the gateway serves the OpenAI API and /v1/feedback.
+    listen: str = "127.0.0.1:8080"
+    # The sidecar daemon's gRPC address (events, the control stream).
+    sidecar: str = "127.0.0.1:50051"
+    # What the upstream is: how a version is put in the request body and how
+    # versions are loaded. openai: model = version, nothing loaded; vllm,
+    # lorax, llama-router: model = version; sglang: model = base:version;
+    # llama-lora: llama-server single mode, an explicit lora list.
+    backend: GatewayBackend = "openai"
+    # The replica id the gateway says Hello with (one per gateway process).
+    server_id: str = "gateway"
+    # A file holding the gateway's token for the sidecar (a mounted Secret);
+    # "": ATLAS_SIDECAR_TOKEN, else none.
+    token_file: Path | None = None
+    # PEM CA of the sidecar's TLS certificate; "": plaintext (loopback).
+    sidecar_ca_file: Path | None = None
+    # sglang: the base model name (requests say base:adapter); llama-lora:
+    # unused. The version that needs no adapter is called this too.
+    base_model: str = ""
+    # The API key the upstream wants for its admin routes (vLLM --api-key).
+    upstream_api_key: str = ""
+    # Versions the upstream serves at start, when it cannot be asked
+    # (llama-lora: the --lora adapters in order, their names; openai: the models).
+    versions: list[str] = Field(default_factory=list)
+    # llama-router: the presets INI the gateway appends a section to per new
+    # version (the file llama-server was started with --models-preset).
+    presets_file: Path | None = None
+    # A header whose value keeps a caller on one version when it sends no
+    # x-session-id and no body "user" ("" = none).
+    sticky_header: str = ""
+    # Largest request body accepted (bytes); more answers 413.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Seconds the upstream may take to send its response headers.
+    response_timeout_seconds: float = Field(default=300.0, gt=0)
+    # Seconds a streamed answer may go without a chunk before it is cut (502
+    # for the client if nothing was sent yet). Longer tolerates slow
+    # prefill; shorter frees a stalled stream sooner.
+    chunk_idle_seconds: float = Field(default=60.0, gt=0)
+    # Token log-probabilities in the recorded answer: "requested" (when the
+    # caller asked), "always" (asks the upstream for them: slower answers,
+    # better uncertainty for active learning), "never".
+    logprobs: Literal["requested", "always", "never"] = "requested"
+    # Shadow answers at once (after the primary answered). Past it a mirror
+    # is dropped and counted, never queued: the live traffic comes first.
+    max_concurrent_mirrors: int = Field(default=2, ge=0)
+    # The same session sending the same prompt again within this many
+    # seconds is a retry: the new request gets retry_of, the old one a RETRY
+    # feedback. 0 turns it off.
+    retry_window_seconds: float = Field(default=120.0, ge=0)
+    # Sessions remembered for retry detection (oldest forgotten first).
+    retry_tracked_sessions: int = Field(default=100_000, ge=1)
+    # Origins allowed to POST /v1/feedback from a browser (CORS). [] = none.
+    feedback_cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("token_file", "sidecar_ca_file", "presets_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
 class AdminConfig(_Section):
     # Longest free text AdminService accepts; a longer one answers
     # INVALID_ARGUMENT naming the field. Reasons (StartRollout, Promote,
@@ -827,6 +893,7 @@ class SidecarConfig(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,8 @@ _OPEN_PATHS = frozenset({"/healthz", "/login", "/logout"})
 _OPEN_PREFIXES = ("/static/",)
 #: Page loads a browser makes: sent to /login instead of a bare 401.
 _PAGES = frozenset({"/", "/dashboard"})
+#: Routes that take events (the ingest role), not read the daemon's state.
+_INGEST_PATHS = frozenset({"/v1/feedback"})
 
 _LOGIN_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>atlas-sidecar: sign in</title>
@@ -114,9 +116,17 @@ class HttpAuth:
         if not self._auth.enabled or path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
             return await handler(request)
         header = request.headers.get("Authorization")
+        who: TokenEntry | Denied | None
+        if path in _INGEST_PATHS:
+            # Feedback is ingest: a token with that role, never a dashboard cookie.
+            who = self._auth.authorize(header, Role.INGEST)
+            if isinstance(who, Denied):
+                self._auth.count("http", who)
+                status = 401 if who.unauthenticated else 403
+                return web.Response(status=status, text=who.message + "\n")
+            return await handler(request)
         if header is None:
             entry = self._session_entry(request.cookies.get(SESSION_COOKIE))
-            who: TokenEntry | Denied | None
             if entry is not None:
                 who = (
                     entry

@@ -165,6 +165,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         )
         await context.abort(code, str(exc))
 
+    async def record(self, batch: events_pb2.EventBatch) -> events_pb2.IngestAck:
+        """Stores ``batch`` from inside the daemon (the HTTP feedback route), as RecordEvents.
+
+        Raises:
+            BatchDecodeError: the batch is over the caps.
+            StoreError: the store cannot take it (StoreFullError when full).
+        """
+        if self._draining.is_set():
+            raise StoreError("the sidecar is shutting down")
+        return await self._submit(batch)()
+
     # -- RPCs ------------------------------------------------------------
 
     async def RecordEvents(

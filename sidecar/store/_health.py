@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -92,7 +93,7 @@ class StoreHealth:
 
     async def _space_returned(self) -> bool:
         try:
-            free = shutil.disk_usage(self._store.data_dir).free
+            free = shutil.disk_usage(self._store.data_dir).free + self._reusable_bytes()
         except OSError:
             return False
         if free < self._config.min_free_bytes:
@@ -104,6 +105,24 @@ class StoreHealth:
         except StoreError:
             return False
         return self._writer.full is None
+
+    def _reusable_bytes(self) -> int:
+        """Disk the store's file holds past its last used page.
+
+        A commit that failed for want of space leaves the pages it managed to
+        write allocated in data.mdb; the file system counts them as used, but
+        the next commit reuses them. Without this, a burst of writes that
+        refilled the disk the moment it was freed would keep ingest
+        NOT_SERVING for ever though the store has room.
+        """
+        try:
+            st = os.stat(self._store.data_file)
+            info = self._store.env.info()
+            psize = int(self._store.env.stat()["psize"])
+        except (OSError, lmdb.Error):
+            return 0
+        used = (int(info["last_pgno"]) + 1) * psize
+        return max(0, st.st_blocks * 512 - used)
 
     def _probe(self, txn: lmdb.Transaction) -> None:
         txn.put(_PROBE_KEY, encode_u64(time.time_ns() // 1_000_000), db=self._store.db("meta"))

@@ -13,6 +13,7 @@ whole stream, which measured about 12 % of ingest throughput on streams.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -60,6 +61,22 @@ class TraceContextInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return handler
             if handler.response_streaming:
                 inner_ss = handler.stream_stream
+                if not inspect.isasyncgenfunction(inner_ss):
+                    # Connect is a coroutine writing through its context: it has
+                    # no response iterator to relay, so it is awaited instead.
+
+                    async def stream_stream_call(req: Any, ctx: Any) -> Any:
+                        token = otel_context.attach(remote)
+                        try:
+                            return await inner_ss(req, ctx)
+                        finally:
+                            otel_context.detach(token)
+
+                    return grpc.stream_stream_rpc_method_handler(
+                        stream_stream_call,
+                        handler.request_deserializer,
+                        handler.response_serializer,
+                    )
 
                 async def stream_stream(req: Any, ctx: Any) -> AsyncIterator[Any]:
                     token = otel_context.attach(remote)

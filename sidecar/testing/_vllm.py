@@ -75,6 +75,9 @@ class FakeVllmServer:
             return _error(
                 400, "BadRequestError", "Both 'lora_name' and 'lora_path' must be provided."
             )
+        if name in self.adapters and body.get("load_inplace") is True:
+            self.adapters[name] = path
+            return web.Response(text=f"Success: LoRA adapter '{name}' replaced in place.")
         if name in self.adapters:
             return _error(
                 400, "BadRequestError", f"The lora adapter '{name}' has already been loaded."

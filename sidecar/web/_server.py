@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from atlas_sidecar_client.openai import MAX_FEEDBACK_BYTES
 
 from sidecar.errors import PortInUseError
 
@@ -41,6 +42,7 @@ class WebServer:
         report: Callable[[], dict[str, Any]] | None = None,
         rollout: Callable[[], dict[str, Any]] | None = None,
         refresh_seconds: float = 5.0,
+        feedback: Callable[[bytes], Awaitable[web.Response]] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         key: str = "server.http_listen",
     ) -> None:
@@ -52,6 +54,7 @@ class WebServer:
         self._report = report
         self._rollout = rollout
         self._refresh = refresh_seconds
+        self._feedback = feedback
         self.app = web.Application()
         r = self.app.router
         self._runner: web.AppRunner | None = None
@@ -66,6 +69,7 @@ class WebServer:
         r.add_get("/api/rollout", self._api_rollout)
         r.add_get("/api/dashboard-config", self._api_dashboard_config)
         r.add_get("/dashboard", self._dashboard)
+        r.add_post("/v1/feedback", self._feedback_handler)
         r.add_get("/", self._root)
         r.add_static("/static/", STATIC_DIR, follow_symlinks=False)
 
@@ -104,6 +108,11 @@ class WebServer:
         if self._rollout is None:
             raise web.HTTPServiceUnavailable(text="the learning monitor is not running\n")
         return web.json_response(self._rollout(), dumps=_dumps)
+
+    async def _feedback_handler(self, request: web.Request) -> web.Response:
+        if self._feedback is None:
+            raise web.HTTPNotFound(text="feedback is not taken here\n")
+        return await self._feedback(await request.content.read(MAX_FEEDBACK_BYTES + 1))
 
     async def _api_dashboard_config(self, request: web.Request) -> web.Response:
         return web.json_response({"refresh_seconds": self._refresh})

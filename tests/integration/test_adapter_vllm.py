@@ -47,10 +47,17 @@ async def test_adapter_vllm_load_and_unload_are_idempotent(
     # vLLM answers 400 "already loaded": the adapter sees it loaded and succeeds.
     await adapter.load("v2", "file:///models/v2")
     assert [r for r, _ in vllm.requests] == ["load", "load"]
+    # The same name from a new artifact (a reused version name) is swapped in place.
+    await adapter.load("v2", "file:///models/v2-retrained")
+    assert vllm.adapters == {"v2": "/models/v2-retrained"}
+    assert vllm.requests[-1] == (
+        "load",
+        {"lora_name": "v2", "lora_path": "/models/v2-retrained", "load_inplace": True},
+    )
     await adapter.unload("v2")
     assert vllm.adapters == {}
     await adapter.unload("v2")  # 404: nothing to unload
-    assert [r for r, _ in vllm.requests] == ["load", "load", "unload", "unload"]
+    assert [r for r, _ in vllm.requests] == ["load", "load", "load", "load", "unload", "unload"]
 
 
 async def test_adapter_vllm_errors_quote_the_server(

@@ -6,6 +6,7 @@ file that the test deletes to give the space back.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,55 @@ async def test_full_disk_is_resource_exhausted_and_ingest_health_follows_the_spa
             assert status.events.accepted > 0
 
             ballast.unlink()  # space returns; no restart
+            await wait_health(channel, INGEST_SERVICE, SERVING)
+            ack = await ingest.RecordEvents(batch(10, "after"), timeout=30)
+            assert ack.accepted == 10
+    finally:
+        await app.shutdown()
+
+
+async def test_pages_a_failed_commit_left_in_the_file_count_as_room(small_disk: Path) -> None:
+    """The disk is freed, but the store's file took the space back (the pages of a
+    commit that failed for want of room are allocated past the last used page):
+    those pages are reusable, so ingest serves again."""
+    import os
+
+    ballast = small_disk / "ballast"
+    ballast.write_bytes(b"\0" * (4 << 20))
+    app = SidecarApp(
+        make_config(
+            small_disk / "data",
+            store={"sync": False, "min_free_bytes": 1 << 20, "full_recheck_seconds": 0.05},
+        )
+    )
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(target_of(app)) as channel:
+            ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+            for b in range(200):
+                try:
+                    await ingest.RecordEvents(batch(100, f"b{b}"), timeout=30)
+                except grpc.aio.AioRpcError:
+                    break
+            await wait_health(channel, INGEST_SERVICE, NOT_SERVING)
+            info, psize = app.store.env.info(), app.store.env.stat()["psize"]
+            used = (info["last_pgno"] + 1) * psize
+            ballast.unlink()
+            # What a failed commit leaves: pages written past the last used one
+            # until the disk was full again.
+            fd = os.open(app.store.data_file, os.O_WRONLY)
+            try:
+                offset = used + 64 * psize
+                chunk = b"\0" * psize
+                while True:
+                    try:
+                        os.pwrite(fd, chunk, offset)
+                    except OSError:
+                        break
+                    offset += psize
+            finally:
+                os.close(fd)
+            assert shutil.disk_usage(small_disk).free < 1 << 20  # the file system says full
             await wait_health(channel, INGEST_SERVICE, SERVING)
             ack = await ingest.RecordEvents(batch(10, "after"), timeout=30)
             assert ack.accepted == 10

@@ -61,7 +61,7 @@ class VllmLoraAdapter:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         return self._session
 
-    async def _post(self, route: str, body: dict[str, str]) -> tuple[int, str]:
+    async def _post(self, route: str, body: dict[str, Any]) -> tuple[int, str]:
         try:
             async with self._http().post(self.base_url + route, json=body) as resp:
                 return resp.status, await resp.text()
@@ -74,13 +74,21 @@ class VllmLoraAdapter:
         path = lora_path(artifact_uri)
         if not path:
             raise AdapterError(f"vLLM load {version!r}: artifact_uri is required (the LoRA folder)")
-        status, text = await self._post(
-            "/v1/load_lora_adapter", {"lora_name": version, "lora_path": path}
-        )
+        body: dict[str, Any] = {"lora_name": version, "lora_path": path}
+        status, text = await self._post("/v1/load_lora_adapter", body)
         if status == 200:
             return
-        if status == 400 and version in await self.loaded():
-            return
+        if status == 400:
+            roots = await self._roots()
+            if roots.get(version) == path:
+                return  # already loaded from this artifact
+            if version in roots:
+                # A reused version name with a new artifact: vLLM swaps it in place.
+                status, text = await self._post(
+                    "/v1/load_lora_adapter", {**body, "load_inplace": True}
+                )
+                if status == 200:
+                    return
         raise AdapterError(f"vLLM load {version!r} from {path!r}: {_reason(status, text)}")
 
     async def unload(self, version: str) -> None:
@@ -90,6 +98,10 @@ class VllmLoraAdapter:
         raise AdapterError(f"vLLM unload {version!r}: {_reason(status, text)}")
 
     async def loaded(self) -> set[str]:
+        return set(await self._roots())
+
+    async def _roots(self) -> dict[str, str]:
+        """Every model ``/v1/models`` lists, with its ``root`` (an adapter's path)."""
         try:
             async with self._http().get(self.base_url + "/v1/models") as resp:
                 text = await resp.text()
@@ -99,7 +111,7 @@ class VllmLoraAdapter:
             raise AdapterError(f"vLLM at {self.base_url}/v1/models: {exc}") from exc
         try:
             data = json.loads(text)["data"]
-            return {str(m["id"]) for m in data}
+            return {str(m["id"]): str(m.get("root") or "") for m in data}
         except (ValueError, KeyError, TypeError) as exc:
             raise AdapterError(f"vLLM list models: unexpected answer: {text[:200]}") from exc
 
