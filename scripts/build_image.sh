@@ -21,7 +21,7 @@ PY=${PY:-$root/.venv/bin/python}
 # The suite's python3 must be the minor version the wheels are built for.
 SUITE=${SUITE:-bookworm}
 PACKAGES=python3,python3-venv,ca-certificates
-cache=${ATLAS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/atlas-sidecar}
+cache=${ATLAS_SIDECAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/atlas-sidecar}
 export CONTAINERS_CONF=$root/deploy/image/containers.conf
 
 for tool in podman mmdebstrap; do

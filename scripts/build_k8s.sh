@@ -13,7 +13,7 @@
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.36.3}
-cache=${ATLAS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/atlas-sidecar}/kubernetes-$K8S_VERSION
+cache=${ATLAS_SIDECAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/atlas-sidecar}/kubernetes-$K8S_VERSION
 stamp="$K8S_VERSION $(go env GOVERSION)"
 if [ -f "$cache/stamp" ] && [ "$(cat "$cache/stamp")" = "$stamp" ]; then
   echo "$cache"
