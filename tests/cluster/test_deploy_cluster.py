@@ -203,13 +203,17 @@ SERVICEMONITOR_CRD = {
 OVERLAYS = sorted(p.name for p in (ROOT / "deploy" / "kubernetes" / "overlays").iterdir())
 
 
-def test_every_overlay_passes_the_api_servers_strict_dry_run(lab: LabCluster) -> None:
-    """What offline schemas miss (semantics, admission): the API server's own checks."""
+def servicemonitor_kind(lab: LabCluster) -> None:
     lab.kubectl("apply", "-f", "-", input=json.dumps(SERVICEMONITOR_CRD))
     lab.kubectl(
         "wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com",
         "--timeout=60s",
     )  # fmt: skip
+
+
+def test_every_overlay_passes_the_api_servers_strict_dry_run(lab: LabCluster) -> None:
+    """What offline schemas miss (semantics, admission): the API server's own checks."""
+    servicemonitor_kind(lab)
     lab.kubectl("create", "namespace", "lab-dry-run")
     lab.kubectl(
         "label", "namespace", "lab-dry-run", "pod-security.kubernetes.io/enforce=restricted",
@@ -466,6 +470,65 @@ def test_every_acked_event_survives_a_rollout_restart(lab: LabCluster) -> None:
     FACTS["acked before the restart"] = len(acked)
     FACTS["in the store after it"] = len(stored)
     assert acked <= stored, f"{len(acked - stored)} acked events missing after the restart"
+
+
+# -- the llama-server overlay: the gateway as the pod's front door ------------
+
+LLAMA_CACHE = Path(os.environ.get("ATLAS_SIDECAR_CACHE", Path.home() / ".cache" / "atlas-sidecar"))
+LLAMA_NS = "lab-llama"
+
+
+def _llama_image(lab: LabCluster) -> None:
+    """An image of the llama-server that make llama-server built, with make llama-model's GGUF."""
+    binary = next(LLAMA_CACHE.glob("llama-server-*/llama-server"), None)
+    model = next(LLAMA_CACHE.glob("smollm2-*/*.gguf"), None)
+    if binary is None or model is None:
+        subprocess.run(
+            ["make", "--no-print-directory", "-C", str(ROOT), "llama-server", "llama-model"],
+            check=True,
+            capture_output=True,
+        )
+        binary = next(LLAMA_CACHE.glob("llama-server-*/llama-server"))
+        model = next(LLAMA_CACHE.glob("smollm2-*/*.gguf"))
+    ctx = lab.workdir / "llama-image"
+    ctx.mkdir()
+    shutil.copy(binary, ctx / "llama-server")
+    shutil.copy(model, ctx / "base.gguf")
+    # The one library the build links that the base rootfs lacks (same Debian).
+    shutil.copy("/usr/lib/x86_64-linux-gnu/libgomp.so.1", ctx / "libgomp.so.1")
+    (ctx / "Containerfile").write_text(
+        f"FROM {IMAGE}\n"
+        "COPY llama-server /usr/local/bin/llama-server\n"
+        "COPY libgomp.so.1 /usr/lib/x86_64-linux-gnu/libgomp.so.1\n"
+        "COPY base.gguf /models/base.gguf\n"
+        'ENTRYPOINT ["/usr/local/bin/llama-server"]\n'
+        "CMD []\n"
+    )
+    ref = "localhost/atlas-lab-llama-server:1"
+    subprocess.run(
+        _podman("build", "--quiet", "--pull=never", "--network=none", "-t", ref, str(ctx)),
+        check=True,
+        capture_output=True,
+    )
+    archive = lab.workdir / "llama-server.tar"
+    subprocess.run(
+        _podman("save", "--quiet", "--format", "docker-archive", "-o", str(archive), ref),
+        check=True,
+        capture_output=True,
+    )
+    lab.load_image(archive)
+
+
+def test_the_gateway_fronts_llama_server(lab: LabCluster) -> None:
+    _llama_image(lab)
+    servicemonitor_kind(lab)  # the overlay has one
+    make_deploy(lab, str(HERE / "overlays" / "llama-server"), LLAMA_NS)
+    (pod,) = pods(lab, LLAMA_NS, "app.kubernetes.io/name=llama-server")
+    assert ready(pod), "the gateway's readiness passes /health through to llama-server"
+    base = f"/api/v1/namespaces/{LLAMA_NS}/services/llama-server:http/proxy"
+    models = lab.kubectl("get", "--raw", f"{base}/v1/models")
+    assert "base" in models.stdout
+    FACTS["llama-server /v1/models through the gateway"] = json.loads(models.stdout)
 
 
 def test_undeploy_and_teardown_leave_nothing(lab: LabCluster) -> None:
