@@ -23,7 +23,7 @@ TS_OUT := $(TS_CLIENT)/src/gen
 TS_STAMP := $(TS_CLIENT)/node_modules/.installed
 CLIENTS_OUT := $(GO_OUT) $(TS_OUT)
 
-.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench llama-server llama-model test-servers clean help
+.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench llama-server llama-model test-servers trl-env clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -103,6 +103,9 @@ llama-model: $(STAMP)  ## fetch the SmolLM2-135M GGUF the server tests run into 
 
 test-servers: llama-server llama-model  ## tests against a real llama-server (router and single mode, LoRA versions)
 	$(PY) -m pytest -q -p no:cacheprovider tests/servers $(PYTEST_ARGS)
+
+trl-env: $(STAMP)  ## the trainer's venv (torch CPU, transformers, TRL, peft) in ~/.cache/atlas-sidecar (about 1.5 GB; reused after)
+	scripts/trl_env.sh $(PY)
 
 sanitize: $(STAMP)  ## the C ingest path under AddressSanitizer + UBSan (its property tests, 5x the examples)
 	PY=$(PY) scripts/sanitize.sh
