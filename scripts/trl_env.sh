@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Build the training venv once into a cache outside the clone: torch (CPU use of the
-# default wheel, installed --no-deps so the ~2.7 GB of CUDA runtime wheels it names are
-# never fetched), transformers, TRL, peft and gguf at pinned versions, then the project
-# itself (editable, with the `trl` extra) so `VENV/bin/atlas-sidecar train` runs.
+# Build the training venv once into a cache outside the clone: torch, transformers, TRL,
+# peft and gguf at pinned versions, then the project itself (editable, with the `trl`
+# extra) so `VENV/bin/atlas-sidecar train` runs. The trainer runs torch on the CPU, but
+# the registry's torch wheel is the CUDA build and links the CUDA runtime libraries at
+# import (libcudart, cublas, cudnn, nccl ...): without their nvidia-* wheels
+# `import torch` fails, so they are installed (about 2.8 GB). Only triton, which torch
+# imports lazily for compilation, is left out.
 #
 # Idempotent: the heavy part sits behind a stamp named after the pins; only the
 # editable install of this clone is redone when the venv points at another clone.
@@ -15,8 +18,8 @@ set -euo pipefail
 # Keep in step with the `trl` extra in pyproject.toml.
 TORCH=2.13.0
 PINS=(transformers==5.24.0 trl==1.16.0 peft==0.21.2 accelerate==1.16.0 datasets==5.2.0 gguf==0.19.0)
-# Never installed: the CUDA runtime wheels torch names (CPU use needs none of them).
-SKIP='^(nvidia-.*|triton|cuda-.*)$'
+# Never installed: torch's compiler backend (a GPU kernel compiler; never imported here).
+SKIP='^(triton)$'
 
 PYTHON="${1:-python3}"
 CACHE="${ATLAS_SIDECAR_CACHE:-$HOME/.cache/atlas-sidecar}"
@@ -28,9 +31,8 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 say() { echo "trl-env: $*" >&2; }
 
 # install_closure PY ARGS...: resolve ARGS with pip (dry run, nothing installed), drop
-# the SKIP names, install the rest --no-deps. pip's resolver follows the requirements of
-# packages already installed, so a plain install after `torch --no-deps` would fetch
-# the CUDA wheels all the same.
+# the SKIP names, install the rest --no-deps. (pip's resolver follows the requirements
+# of packages already installed, so a plain install would fetch them all the same.)
 install_closure() {
     local py="$1"; shift
     local report; report="$(mktemp)"
@@ -67,7 +69,7 @@ if [ ! -f "$DEST/.installed" ]; then
     P="$DEST.part/venv/bin/python"
     "$P" -m pip install -q -U pip
     say "[2/4] resolving torch==$TORCH ${PINS[*]} (torch's wheel is about 900 MB)"
-    say "[3/4] installing them, less the CUDA runtime wheels"
+    say "[3/4] installing them (with the CUDA runtime wheels torch links, not triton)"
     install_closure "$P" "torch==$TORCH" "${PINS[@]}"
     say "[4/4] checking that the torch stack imports and trains on CPU"
     "$P" -c 'import torch, transformers, trl, peft; x = torch.ones(2, requires_grad=True); (x * 2).sum().backward(); assert x.grad is not None; print("torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__, "peft", peft.__version__)' >&2
