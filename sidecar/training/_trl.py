@@ -21,6 +21,11 @@ reference is the version trained from (TRL keeps a frozen copy of the adapter it
 given as its ``ref`` adapter; a fresh LoRA starts at zero, so for a root version the
 reference is the base model): each update moves a bounded step from what is served.
 
+Methods: DPO on ``preferences.jsonl`` (TRL's ``sigmoid`` loss plus, by default, its
+``sft`` loss on the chosen answer, weight ``dpo_sft_weight``), KTO on ``kto.jsonl``,
+SFT on ``sft.jsonl`` (loss on the completion only). ``auto`` takes the first of them
+with at least ``min_rows`` training rows.
+
 The new version is ``<root>-<update id>`` (the hook's ``$ATLAS_UPDATE_ID``), or
 ``<root>-t<N>`` run by hand; its folder is created atomically and never written over.
 ``candidate.json`` goes to the output folder last, written whole: a run that fails or
@@ -304,7 +309,10 @@ def _trainer(
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, beta=s.beta, max_length=s.max_length)
+        losses: dict[str, list[Any]] = {"loss_type": ["sigmoid"]}
+        if s.dpo_sft_weight > 0:
+            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, s.dpo_sft_weight]}
+        args = DPOConfig(**common, **losses, beta=s.beta, max_length=s.max_length)
         return DPOTrainer(
             model=model,
             args=args,

@@ -65,6 +65,10 @@ class Settings:
     lora_r: int = 8
     lora_alpha: int = 16
     beta: float = 0.1
+    #: DPO only: weight of TRL's "sft" loss (NLL of the chosen answer) beside the
+    #: "sigmoid" DPO loss; 0 for plain DPO. Plain DPO mostly pushes the rejected answer
+    #: down: on SmolLM2 it stopped the rejected openings but never produced the chosen one.
+    dpo_sft_weight: float = 1.0
     max_length: int = 256
     #: fewest training rows of the chosen kind (pairs for DPO) a run accepts
     min_rows: int = 8
