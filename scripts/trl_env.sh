@@ -23,7 +23,7 @@ SKIP='^(triton)$'
 
 PYTHON="${1:-python3}"
 CACHE="${ATLAS_SIDECAR_CACHE:-$HOME/.cache/atlas-sidecar}"
-STAMP_ID="$(printf '%s\n' "torch==$TORCH" "${PINS[@]}" | sha256sum | cut -c1-10)"
+STAMP_ID="$(printf '%s\n' "torch==$TORCH" "${PINS[@]}" "skip=$SKIP" | sha256sum | cut -c1-10)"
 DEST="$CACHE/trl-$STAMP_ID"
 VENV="$DEST/venv"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
