@@ -301,6 +301,7 @@ async def test_the_trainers_failures_are_recorded_with_its_reason(
             result = {"update_id": decision.update_id, "ok": outcome.ok, "reason": outcome.reason}
         else:
             result = await run_update(app)
+        print(f"{case}: {result['reason']}")
         assert not result["ok"]
         assert reason in result["reason"], result["reason"]
         (failed,) = history(app, "training_failed")
