@@ -159,7 +159,10 @@ def claim_version(models: Path, root: str) -> tuple[str, Path]:
     if update:
         name = f"{root}-{update}"
         folder = models / name
-        folder.mkdir(parents=True)  # FileExistsError: never over an existing version
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            raise ValueError(f"version {name} exists in {models}; not writing over it") from None
         return name, folder
     n = 1
     while True:
