@@ -231,6 +231,29 @@ async def test_a_daemon_snapshot_trains_an_adapter_llama_server_serves_in_its_di
             # trained adapter must do so for at least half of them (measured: see
             # docs/training.md), at least 0.5 above the base.
             assert after >= 0.5 and after - before >= 0.5, (base_answers, trained_answers)
+
+        # The next update starts from the trained version: its adapter is continued
+        # (and is DPO's reference: the margin starts at 0), not merged.
+        out = tmp_path / "next"
+        proc = await asyncio.create_subprocess_exec(
+            str(trainer_bin),
+            *(
+                "train",
+                "--data",
+                str(Path(app.config.store.data_dir) / "datasets" / result["update_id"]),
+            ),
+            *("--out", str(out), "--base", record.version, "--models-dir", str(models_dir)),
+            *("--steps", "2"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        text = (await proc.communicate())[0].decode()
+        assert proc.returncode == 0, text[-3000:]
+        assert "step 1/2 loss" in text and "margins 0.000" in text
+        doc = json.loads(_read(out / "candidate.json"))
+        meta = json.loads(_read(models_dir / doc["version"] / "version.json"))
+        assert meta["parent"] == record.version and meta["root"] == "base"
+        assert doc["artifact_uri"].endswith(f"/{doc['version']}/adapter.gguf")
     finally:
         if gw is not None:
             await gw.stop()
