@@ -64,7 +64,7 @@ from sidecar.learning import (
     learning_quality_report,
 )
 from sidecar.rollout import RecentGoodAnswers, RegressionCase, RolloutAdmin, RolloutEngine
-from sidecar.scoring import FeedbackProcessor
+from sidecar.scoring import FeedbackProcessor, table_from_config
 from sidecar.store import (
     FatalHandler,
     PageRelease,
@@ -235,6 +235,7 @@ class SidecarApp:
             processors=self.processors,
             open_streams=lambda: self.ingest.open_streams,
             pinned_versions=self.pinned_versions,
+            weights=table_from_config(config.scoring),
             **(telemetry_options or {}),
         )
         if self.telemetry.enabled:
@@ -346,6 +347,7 @@ class SidecarApp:
             config.rollout,
             regression=_FirstNonEmpty(self.regression, RecentGoodAnswers(self.store)),
             candidates=self.registry,
+            weights=table_from_config(config.scoring),
         )
         self.processors.add(self.rollouts.observer)
         self.stages.append(self.rollouts)

@@ -45,6 +45,14 @@ EXTRA_COMMANDS: dict[
 ] = {}
 
 
+#: One line each for ``atlas-sidecar --help``.
+EXTRA_HELP = {
+    "export": "write a running (or stopped) daemon's training rows as JSONL",
+    "reprocess": "rebuild every score, sample and pair from the log (daemon stopped)",
+    "rollout": "start, promote, abort, roll back and list rollouts",
+}
+
+
 def _register_stage_commands() -> None:
     """Adds the stages' subcommands (export, reprocess, rollout ...); imported lazily
     so that ``atlas-sidecar status`` does not pay for the whole daemon."""
@@ -173,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     for name, (setup, _run) in EXTRA_COMMANDS.items():
-        setup(sub.add_parser(name))
+        setup(sub.add_parser(name, help=EXTRA_HELP.get(name)))
     return p
 
 
@@ -333,7 +341,15 @@ def _validate_config(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import DemoSettings, run_demo
+    try:
+        from sidecar.demo import DemoSettings, run_demo
+    except ImportError as exc:
+        print(
+            f"atlas-sidecar demo: {exc.name} is missing: install the demo extra "
+            "(pip install 'atlas-sidecar[demo]'; make demo does)",
+            file=sys.stderr,
+        )
+        return 2
 
     settings = DemoSettings(
         rate=args.rate,

@@ -715,9 +715,6 @@ class RolloutConfig(_Section):
     initial_stable_version: str = ""
     # Lease carried by every traffic split (see control.proto).
     lease_seconds: int = Field(default=30, ge=0)
-    # Seconds for the inference servers to apply a new split before a stage is
-    # held as if it had no traffic (the stage deadline still applies).
-    converge_seconds: float = Field(default=30.0, gt=0)
     # After a promotion or rollback the replaced version stays loaded this long.
     unload_after_seconds: float = Field(default=600.0, ge=0)
     # Recent good PRIMARY answers kept as the default regression set.

@@ -158,7 +158,7 @@ class Authenticator:
         return who
 
     def count(self, service: str, denied: Denied) -> None:
-        from sidecar.telemetry import instruments as ins
+        from sidecar import instruments as ins
 
         self.denied[(service, denied.reason)] += 1
         ins.auth_denied(service, denied.reason)

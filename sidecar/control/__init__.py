@@ -1,6 +1,12 @@
 """Control: the directive channel to inference servers, reconciliation, adapters."""
 
-from sidecar.control._channel import ControlChannel, ControlServicer, ProbeStatus, ReplicaStatus
+from sidecar.control._channel import (
+    ControlChannel,
+    ControlServicer,
+    ProbeStatus,
+    ReplicaStatus,
+    validate_desired,
+)
 from sidecar.control._plane import ControlPlane, DesiredState, RouteSpec, ShadowSpec
 
 __all__ = [
@@ -12,4 +18,5 @@ __all__ = [
     "ReplicaStatus",
     "RouteSpec",
     "ShadowSpec",
+    "validate_desired",
 ]

@@ -34,6 +34,7 @@ from atlas_sidecar_client import uuid7
 from atlas_sidecar_client.pb import control_pb2, control_pb2_grpc
 from google.protobuf.message import DecodeError
 
+from sidecar import instruments as ins
 from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import ControlConfig
 from sidecar.control._plane import DesiredState
@@ -50,7 +51,6 @@ from sidecar.control._state import (
 )
 from sidecar.names import check_name
 from sidecar.store import Store, StoreWriter
-from sidecar.telemetry import instruments as ins
 
 __all__ = ["ControlChannel", "ControlServicer", "ProbeStatus", "ReplicaStatus"]
 

@@ -36,7 +36,7 @@ from atlas_sidecar_client import TOKEN_ENV, ChannelSecurity
 
 from sidecar._private import open_private
 from sidecar.demo._report import VersionSummary, build_report, read_user_stats, write_report
-from sidecar.rollout._record import state_name
+from sidecar.rollout import state_name
 from sidecar.testing import DaemonProcess, ReadyProcess
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -145,7 +145,6 @@ def sidecar_config(settings: DemoSettings, models_dir: Path) -> dict[str, Any]:
             "auto_start": True,
             "evaluate_interval_seconds": 0.5,
             "checkpoint_interval_seconds": 2.0,
-            "converge_seconds": 5.0,
             "unload_after_seconds": 5.0,
             "regression_pool": 200,
             "initial_stable_version": "v1",

@@ -159,12 +159,6 @@ class World:
         """Every candidate answer, intent by intent (the initial model's answer table)."""
         return [a for it in self.intents for a in it.answers]
 
-    def answer_intent(self, answer: str) -> int | None:
-        for i, it in enumerate(self.intents):
-            if answer in it.answers:
-                return i
-        return None
-
     def quality(self, intent: int, answer: str) -> float:
         """The chance a user asking ``intent`` is satisfied by ``answer``."""
         it = self.intents[intent]

@@ -253,10 +253,6 @@ class MemoryConsolidation:
                 out.append(json.loads(bytes(value)))
         return out
 
-    def contains(self, txn: lmdb.Transaction, task_id: str, sample_id: str) -> bool:
-        key = b"m" + task_key(task_id) + id_key(sample_id)
-        return txn.get(key, db=self._db()) is not None
-
     # -- writing -----------------------------------------------------------
 
     def consolidate(

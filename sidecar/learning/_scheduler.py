@@ -37,10 +37,10 @@ from typing import Any
 
 import lmdb
 
+from sidecar import instruments as ins
 from sidecar.config import LearningConfig
 from sidecar.scoring import read_counters, read_version_feedback
 from sidecar.store import Store, append_history
-from sidecar.telemetry import instruments as ins
 
 __all__ = ["Decision", "LearningScheduler", "SchedulerState"]
 

@@ -35,7 +35,13 @@ from sidecar.rollout._observe import (
     StoredObservations,
     TrafficSource,
 )
-from sidecar.rollout._record import ACTIVE_STATES, TERMINAL_STATES, RolloutRecord, Transition
+from sidecar.rollout._record import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    RolloutRecord,
+    Transition,
+    state_name,
+)
 from sidecar.rollout._sequential import MeanDifferenceTest, RateRatioTest
 
 __all__ = [
@@ -75,4 +81,5 @@ __all__ = [
     "Transition",
     "Verdict",
     "comparator_by_name",
+    "state_name",
 ]

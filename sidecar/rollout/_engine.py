@@ -26,6 +26,7 @@ import lmdb
 import numpy as np
 from atlas_sidecar_client import uuid7
 
+from sidecar import instruments as ins
 from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import CanaryConfig, RolloutConfig
 from sidecar.control import ControlPlane, DesiredState, RouteSpec, ShadowSpec
@@ -47,8 +48,8 @@ from sidecar.rollout._observe import (
 )
 from sidecar.rollout._record import RolloutRecord, Transition
 from sidecar.rollout._sequential import RateRatioTest
+from sidecar.scoring import WeightTable
 from sidecar.store import Store, StoreWriter, append_history
-from sidecar.telemetry import instruments as ins
 
 __all__ = ["Clock", "JudgeFactory", "RolloutEngine", "SystemClock"]
 
@@ -123,7 +124,10 @@ class RolloutEngine:
         comparator: Comparator | None = None,
         autorun: bool = True,
         candidates: CandidateSource | None = None,
+        weights: WeightTable | None = None,
     ) -> None:
+        """``weights``: the configured scoring table (scoring.*), so that the
+        canary's feedback guardrail means by reward what the training data does."""
         self._store = store
         #: The model registry: a rollout of a version it does not hold is
         #: refused, and the rollout loads the artifact it registered. None
@@ -146,6 +150,7 @@ class RolloutEngine:
             good_reward=config.regression_min_reward,
             join_capacity=config.feedback_join_capacity,
             feedback_window_ms=round(config.feedback_window_seconds * 1000),
+            weights=weights,
         )
         self._probe_cmp = comparator_by_name(config.validation.comparator)
         self._autorun = autorun
@@ -243,13 +248,6 @@ class RolloutEngine:
 
     def active(self) -> RolloutRecord | None:
         return self._active
-
-    async def on_candidate_registered(self, version: str, *_: Any, **__: Any) -> str:
-        """Registry callback: starts a rollout when ``auto_start`` is on; returns its id."""
-        if not self._cfg.auto_start or self._active is not None:
-            return ""
-        rec = await self.start_rollout(version, reason="candidate registered (auto_start)")
-        return rec.rollout_id
 
     async def start_rollout(
         self,

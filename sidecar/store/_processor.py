@@ -37,13 +37,13 @@ import lmdb
 from atlas_sidecar_client.pb import events_pb2
 from google.protobuf.message import DecodeError
 
+from sidecar import instruments as ins
 from sidecar._aio import cancel_and_wait, set_threadsafe, spawn, wait_event
 from sidecar.errors import StoreFullError
 from sidecar.store._codec import decode_log_value, decode_u64, encode_u64
 from sidecar.store._env import Store
 from sidecar.store._retention import CURSOR_PREFIX
 from sidecar.store._writer import StoreWriter
-from sidecar.telemetry import instruments as ins
 
 __all__ = [
     "BatchingLogProcessor",

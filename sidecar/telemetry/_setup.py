@@ -34,12 +34,13 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sidecar import __version__
+from sidecar import instruments as ins
 from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import TelemetryConfig
 from sidecar.errors import ConfigError
 from sidecar.ingest import BatchInfo
+from sidecar.scoring import WeightTable
 from sidecar.store import IngestResult, ProcessorRunner, Store, StoreWriter, read_history
-from sidecar.telemetry import instruments as ins
 from sidecar.telemetry._cardinality import VersionLabels
 from sidecar.telemetry._traffic import TrafficView, forget_cursor
 
@@ -78,7 +79,7 @@ class Telemetry:
     """Tracing, metrics and the traffic view of one daemon.
 
     ``start()`` installs the instruments every stage uses
-    (:mod:`sidecar.telemetry.instruments`), hooks the ingest batches and
+    (:mod:`sidecar.instruments`), hooks the ingest batches and
     starts following the log and the learning history; ``shutdown()`` flushes
     and removes them. Both are idempotent. With ``telemetry.enabled: false``
     (or ``OTEL_SDK_DISABLED=true``) nothing is recorded and ``/metrics`` is off.
@@ -96,7 +97,10 @@ class Telemetry:
         metric_readers: Sequence[MetricReader] = (),
         environ: Mapping[str, str] | None = None,
         pinned_versions: Callable[[], Iterable[str]] | None = None,
+        weights: WeightTable | None = None,
     ) -> None:
+        """``weights``: the configured scoring table, so that the rewards in
+        ``/metrics`` and the dashboard are the training data's rewards."""
         env = dict(os.environ if environ is None else environ)
         self.config = config
         self.enabled = config.enabled and env.get("OTEL_SDK_DISABLED", "").lower() not in _TRUE
@@ -128,7 +132,11 @@ class Telemetry:
         self.registry = CollectorRegistry()
         self.traffic = (
             TrafficView(
-                store, writer, config, labels=VersionLabels(config.max_versions, pinned_versions)
+                store,
+                writer,
+                config,
+                labels=VersionLabels(config.max_versions, pinned_versions),
+                table=weights,
             )
             if self.enabled
             else None

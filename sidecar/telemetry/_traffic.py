@@ -30,6 +30,7 @@ from typing import Any
 import lmdb
 from atlas_sidecar_client.pb import events_pb2
 
+from sidecar import instruments as ins
 from sidecar._aio import cancel_and_wait, set_threadsafe, spawn, wait_event
 from sidecar.config import TelemetryConfig
 from sidecar.scoring import WeightTable, score_feedback
@@ -42,7 +43,6 @@ from sidecar.store import (
     encode_u64,
     read_cursor,
 )
-from sidecar.telemetry import instruments as ins
 from sidecar.telemetry._cardinality import VersionLabels
 
 __all__ = ["FEEDBACK_KEY", "PERF_PREFIX", "TrafficView", "read_feedback", "read_perf"]

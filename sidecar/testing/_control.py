@@ -6,8 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sidecar.control import DesiredState
-from sidecar.control._channel import validate_desired
+from sidecar.control import DesiredState, validate_desired
 
 __all__ = ["FakeControlPlane", "SentProbe"]
 

@@ -132,8 +132,8 @@ class MLServerProcess:
         """
         import grpc
 
-        from sidecar.control.adapters._proto import triton_grpc_service_pb2 as pb
-        from sidecar.control.adapters._proto import triton_grpc_service_pb2_grpc as pb_grpc
+        from sidecar.control.adapters import triton_pb2 as pb
+        from sidecar.control.adapters import triton_pb2_grpc as pb_grpc
 
         repo = self._write_repository()
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()

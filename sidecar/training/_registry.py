@@ -209,12 +209,6 @@ class ModelRegistry:
     async def set_stable(self, version: str) -> None:
         await self._writer.run(lambda txn: self.set_stable_txn(txn, version))
 
-    def set_state_txn(self, txn: lmdb.Transaction, version: str, state: str) -> None:
-        """Sets a registered version's state (``rolled_back``, ``failed``, ...)."""
-        if state not in STATES:
-            raise InvalidCandidateError(f"state: expected one of {', '.join(STATES)}")
-        self._set_state(txn, version, state)
-
     def _set_state(self, txn: lmdb.Transaction, version: str, state: str) -> None:
         db = self._store.db("models")
         key = _VERSION_PREFIX + version.encode()

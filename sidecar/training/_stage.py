@@ -34,6 +34,7 @@ import grpc
 import lmdb
 from atlas_sidecar_client.pb import admin_pb2
 
+from sidecar import instruments as ins
 from sidecar._aio import cancel_and_wait, spawn
 from sidecar.config import SidecarConfig
 from sidecar.errors import SidecarError, StoreError, StoreFullError
@@ -43,6 +44,7 @@ from sidecar.scoring import (
     EXPORT_KINDS,
     FeedbackProcessor,
     Sample,
+    current_weight_version,
     encode_row,
     iter_export_rows,
     iter_pairs,
@@ -51,10 +53,8 @@ from sidecar.scoring import (
     read_all_version_feedback,
     read_counters,
 )
-from sidecar.scoring._weights import current_weight_version
 from sidecar.store import Store, StoreWriter, append_history, encode_u64, read_history
-from sidecar.telemetry import instruments as ins
-from sidecar.telemetry._cardinality import fold_versions
+from sidecar.telemetry import fold_versions
 from sidecar.training._composer import (
     BatchComposer,
     ComposeContext,
@@ -234,13 +234,6 @@ class TrainingStage:
                 self._run_update(decision), stage="learning", name=f"update-{decision.update_id}"
             )
         return decision
-
-    async def wait_update(self) -> UpdateOutcome | None:
-        """Waits for the running update, if any (tests, demo)."""
-        task = self._update_task
-        if task is None:
-            return None
-        return await asyncio.shield(task)
 
     # -- one update --------------------------------------------------------------
 

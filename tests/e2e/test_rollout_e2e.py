@@ -415,8 +415,13 @@ def test_restarts_mid_canary_resume_and_converge(tmp_path: Path, procs: list[Any
     procs.append(restarted)
     got = poll(lambda: restarted.state()["splits"], "the restarted server's first split")
     weight = stage.candidate_weight_bps
-    assert got[0]["revision"] == revision
-    assert got[0]["routes"] == {"v1": 10_000 - weight, "v2": weight}
+    # The current split: the one of that stage, or of a later one if the canary
+    # moved on while the server restarted (its old stream must close before the
+    # same server_id is let in again), never an older one.
+    assert got[0]["revision"] >= revision
+    routes = got[0]["routes"]
+    assert set(routes) == {"v1", "v2"} and sum(routes.values()) == 10_000
+    assert routes["v2"] >= weight
     assert [c["version"] for c in restarted.state()["model_calls"]] == ["v2"]
 
     done = poll(lambda: finished(admin, rid), "the rollout to finish")

@@ -25,10 +25,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import instruments as ins
 from sidecar.app import SidecarApp
 from sidecar.config import load_config
 from sidecar.store import append_history, read_history
-from sidecar.telemetry import instruments as ins
 from sidecar.telemetry._logging import TraceContextFilter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -82,3 +82,17 @@ def test_example_file_documents_every_key_with_its_default() -> None:
     assert _missing(SidecarConfig, doc) == []
     example = load_config(ROOT / "config.example.yaml", environ={})
     assert example == load_config(None, environ={})
+
+
+def test_help_lists_every_command_with_a_line() -> None:
+    import argparse
+
+    from sidecar.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    described = {a.dest: a.help for a in sub._choices_actions}
+    assert set(sub.choices) == set(described), set(sub.choices) ^ set(described)
+    assert all(described.values()), [name for name, h in described.items() if not h]
+    text = parser.format_help()
+    assert all(name in text for name in sub.choices)

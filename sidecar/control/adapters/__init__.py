@@ -10,6 +10,8 @@ picks the model name per request (no server splits traffic by weight itself).
 
 from sidecar.control.adapters._base import AdapterError, ModelServerAdapter
 from sidecar.control.adapters._loop import adapter_loop
+from sidecar.control.adapters._proto import triton_grpc_service_pb2 as triton_pb2
+from sidecar.control.adapters._proto import triton_grpc_service_pb2_grpc as triton_pb2_grpc
 from sidecar.control.adapters._stage import AdapterStage, make_adapter
 from sidecar.control.adapters._triton import TritonRepositoryAdapter
 from sidecar.control.adapters._vllm import VllmLoraAdapter, lora_path
@@ -23,4 +25,6 @@ __all__ = [
     "adapter_loop",
     "lora_path",
     "make_adapter",
+    "triton_pb2",
+    "triton_pb2_grpc",
 ]

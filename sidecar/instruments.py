@@ -2,7 +2,7 @@
 
 Usage from a stage::
 
-    from sidecar.telemetry import instruments as ins
+    from sidecar import instruments as ins
 
     with ins.span("learning.trigger", reason="count", samples=120):
         append_history(txn, store, "trigger", reason="count", **ins.trace_fields())
