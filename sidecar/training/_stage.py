@@ -235,6 +235,13 @@ class TrainingStage:
             )
         return decision
 
+    async def wait_update(self) -> UpdateOutcome | None:
+        """Waits for the running update, if any, and returns how it ended (None: none ran)."""
+        task = self._update_task
+        if task is None:
+            return None
+        return await asyncio.shield(task)
+
     # -- one update --------------------------------------------------------------
 
     async def _run_update(self, decision: Decision) -> UpdateOutcome:
