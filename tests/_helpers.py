@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc
+from atlas_sidecar_client.pb import admin_pb2, admin_pb2_grpc, events_pb2
 
 from sidecar.app import SidecarApp
 from sidecar.config import SidecarConfig, StoreConfig, load_config
@@ -109,3 +109,16 @@ async def running_store(config: StoreConfig) -> AsyncIterator[tuple[Store, Store
     finally:
         await writer.shutdown()
         store.close()
+
+
+def logged(app: SidecarApp) -> list[events_pb2.Event]:
+    """Every event in the daemon's log, in order, as the clients sent them."""
+    from sidecar.store import decode_log_value
+
+    out = []
+    with app.store.read() as txn:
+        for _k, v in txn.cursor(db=app.store.db("events")):
+            ev = events_pb2.Event()
+            ev.ParseFromString(decode_log_value(v)[1])
+            out.append(ev)
+    return out

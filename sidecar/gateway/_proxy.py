@@ -284,17 +284,23 @@ class Gateway:
             return True
         return bool(body.get("logprobs"))
 
-    async def _completion(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        chat = _COMPLETIONS[request.path]
-        self.counters["requests"] += 1
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The request body, or the 413 to answer when it is over gateway.max_body_bytes."""
         try:
-            raw = await request.read()
+            return await request.read()
         except web.HTTPRequestEntityTooLarge:
             self.counters["too_large"] += 1
             return _error(
                 413, f"body: larger than gateway.max_body_bytes={self.config.max_body_bytes}"
             )
+
+    async def _completion(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        chat = _COMPLETIONS[request.path]
+        self.counters["requests"] += 1
+        raw = await self._read_body(request)
+        if isinstance(raw, web.Response):
+            return raw
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -663,13 +669,9 @@ class Gateway:
 
     async def _passthrough(self, request: web.Request) -> web.StreamResponse:
         self.counters["passthrough"] += 1
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            self.counters["too_large"] += 1
-            return _error(
-                413, f"body: larger than gateway.max_body_bytes={self.config.max_body_bytes}"
-            )
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
         try:
             upstream = await self._send(
                 request.method, request.path_qs, _forward_headers(request.headers), body

@@ -22,9 +22,8 @@ from atlas_sidecar_client.pb import events_pb2
 from sidecar.app import SidecarApp
 from sidecar.config import GatewayConfig
 from sidecar.gateway import Gateway
-from sidecar.store import decode_log_value
 from sidecar.testing import free_port
-from tests._helpers import wait_until
+from tests._helpers import logged, wait_until
 from tests.conftest import make_config, target_of
 
 
@@ -101,16 +100,6 @@ class Upstream:
             self.cancelled += 1
             raise
         return out
-
-
-def logged(app: SidecarApp) -> list[events_pb2.Event]:
-    out = []
-    with app.store.read() as txn:
-        for _k, v in txn.cursor(db=app.store.db("events")):
-            ev = events_pb2.Event()
-            ev.ParseFromString(decode_log_value(v)[1])
-            out.append(ev)
-    return out
 
 
 @pytest.fixture

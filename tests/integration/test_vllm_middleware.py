@@ -25,9 +25,8 @@ from starlette.routing import Route as HttpRoute
 
 from sidecar.app import SidecarApp
 from sidecar.testing import free_port
-from tests._helpers import wait_until
+from tests._helpers import logged, wait_until
 from tests.conftest import make_config, target_of
-from tests.integration.test_gateway import logged
 
 
 def vllm_like() -> tuple[Starlette, dict[str, Any]]:

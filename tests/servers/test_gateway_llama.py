@@ -21,22 +21,11 @@ from sidecar.app import SidecarApp
 from sidecar.config import GatewayConfig
 from sidecar.control._plane import DesiredState, RouteSpec, ShadowSpec
 from sidecar.gateway import Gateway
-from sidecar.store import decode_log_value
 from sidecar.testing import LlamaServerProcess, free_port
-from tests._helpers import wait_until
+from tests._helpers import logged, wait_until
 from tests.conftest import make_config, target_of
 
 PROMPT = "Name a colour."
-
-
-def logged(app: SidecarApp) -> list[events_pb2.Event]:
-    out = []
-    with app.store.read() as txn:
-        for _k, v in txn.cursor(db=app.store.db("events")):
-            ev = events_pb2.Event()
-            ev.ParseFromString(decode_log_value(v)[1])
-            out.append(ev)
-    return out
 
 
 @pytest.fixture

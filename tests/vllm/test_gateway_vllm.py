@@ -24,9 +24,8 @@ from sidecar.config import GatewayConfig
 from sidecar.control._plane import DesiredState, RouteSpec
 from sidecar.gateway import Gateway
 from sidecar.testing import VllmServeProcess, free_port
-from tests._helpers import wait_until
+from tests._helpers import logged, wait_until
 from tests.conftest import make_config, target_of
-from tests.integration.test_gateway import logged
 from tests.vllm.conftest import sse_text
 
 PROMPT = "Name a colour."

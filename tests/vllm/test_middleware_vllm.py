@@ -21,8 +21,7 @@ from atlas_sidecar_client.pb import events_pb2
 from sidecar.app import SidecarApp
 from sidecar.control._plane import DesiredState, RouteSpec
 from sidecar.testing import VllmServeProcess, free_port
-from tests._helpers import control_app, wait_until
-from tests.integration.test_gateway import logged
+from tests._helpers import control_app, logged, wait_until
 from tests.vllm.conftest import sse_text
 
 PROMPT = "Name a colour."
