@@ -130,9 +130,17 @@ class TlsFiles:
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
+        # The HTTP watcher may be the one to notice a renewal: gRPC compares
+        # the reload count it last served, not whether this call reloaded.
+        served = [self.reloads]
+
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             try:
-                return self._grpc_config() if self._maybe_reload() else None
+                self._maybe_reload()
+                if self.reloads == served[0]:
+                    return None
+                served[0] = self.reloads
+                return self._grpc_config()
             except Exception:  # never fail a handshake because of a reload
                 log.exception("TLS reload check failed")
                 return None
