@@ -338,11 +338,19 @@ def test_a_sidecar_that_cannot_start_blocks_the_rollout_and_undo_restores_it(
     assert not ready(new)
     # Its main container never started: kubelet waits for the sidecar's startup probe.
     assert all("running" not in s["state"] for s in new["status"].get("containerStatuses", []))
-    logs = lab.kubectl(
-        "-n", SIMPLE_NS, "logs", new["metadata"]["name"], "-c", "atlas-sidecar", "--previous",
-        check=False,
-    )  # fmt: skip
-    assert "grace_seconds" in logs.stdout + logs.stderr
+    # The sidecar is crash-looping: a restart can remove the container whose log we
+    # asked for, so ask again until the current or the previous one answers.
+    def refusal_logged() -> bool:
+        for flag in ("--previous", "--timestamps"):
+            out = lab.kubectl(
+                "-n", SIMPLE_NS, "logs", new["metadata"]["name"], "-c", "atlas-sidecar", flag,
+                check=False,
+            )  # fmt: skip
+            if "grace_seconds" in out.stdout + out.stderr:
+                return True
+        return False
+
+    wait_for("the sidecar's log naming the refused key", refusal_logged)
     # The rollout is stuck, and the old pod is still ready and serving.
     stuck = lab.kubectl(
         "-n", SIMPLE_NS, "rollout", "status", "deployment/atlas-sidecar-demo", "--timeout=5s",
