@@ -92,6 +92,36 @@ _TIME_SEQ = _WINDOW_KEY
 _KIND_INFERENCE = b"i"
 _KIND_ORPHAN = b"o"
 
+#: The layout of a stored request record (``requests`` database, key: the
+#: request id, value: an orjson document). Keys are short because one record
+#: is written per answer and rewritten per feedback; this table is their
+#: legend, and a unit test fails when a record carries a key missing here.
+#: A record is in one of three shapes: **open** (its Inference arrived; the
+#: reward window is running), **orphan** (``o``: feedback that waits for its
+#: answer) or **closed** (``c``: the window closed; kept for retries and late
+#: feedback until ``closed_request_retention_seconds`` have passed).
+REQUEST_RECORD_FIELDS: dict[str, str] = {
+    "s": "log sequence number of the event that made the record (all shapes)",
+    "t": "ingest time of the Inference, ms since the epoch (open)",
+    "dl": "end of the reward window, ms of log time (open, orphan)",
+    "v": "model_version that answered (open)",
+    "p": "prompt text (open)",
+    "r": "response text (open)",
+    "e": "1 when the answer was an error, else 0 (open)",
+    "u": "user_id of the request (open)",
+    "ss": "session_id of the request (open)",
+    "ro": "retry_of: the request id this one retries, or '' (open)",
+    "tk": "task id, the Inference attribute named by memory.task_attribute, or '' (open)",
+    "at": "Inference attributes kept for the sample, as [key, value] pairs (open)",
+    "lp": "token log-probs as [mean, min, count], or null when absent (open)",
+    "sg": "feedback signals so far, as Signal numbers; ENGAGE for long dwell (open, orphan)",
+    "rt": "latest explicit rating in [0, 1], or null (open, orphan)",
+    "cr": "latest correction text, or '' (open, orphan)",
+    "fs": "feedback sources so far, 'user:<id>' and 'session:<id>' (open, orphan)",
+    "o": "1: an orphan, feedback whose Inference has not arrived (orphan)",
+    "c": "sample number given at close, 0 when no sample was made (closed)",
+}
+
 #: Called on the writer thread, inside the closing transaction, for each new
 #: sample. Must be deterministic (replays call it again) and must not block.
 SampleListener = Callable[[lmdb.Transaction, Sample], None]

@@ -426,3 +426,36 @@ async def test_a_failed_batch_retried_event_by_event_equals_one_event_batches(
     # every closed request was forgotten by the time "last" came
     assert [k for k, _ in batched["requests"]] == [b"last"]
     assert batched == single
+
+
+def _stored_request_records(store: Store) -> dict[str, dict[str, Any]]:
+    import orjson
+
+    with store.read() as txn, txn.cursor(db=store.db("requests")) as cur:
+        return {bytes(k).decode(): orjson.loads(bytes(v)) for k, v in cur}
+
+
+def test_every_stored_request_record_key_has_a_legend(store: Store) -> None:
+    from sidecar.scoring._processor import REQUEST_RECORD_FIELDS
+
+    h = Harness(store)
+    h.feed(
+        inf("open", session_id="s1", user_id="u1", token_logprobs=[-0.1, -0.5]),
+        fb("open", signal=S.THUMBS_UP, rating=0.8, correction="better", user_id="u2"),
+        fb("orphan", signal=S.THUMBS_DOWN, session_id="s2"),
+        inf("closed"),
+    )
+    open_records = _stored_request_records(store)
+    # Past the window, before the closed records are forgotten.
+    with store.env.begin(write=True) as txn:
+        h.proc._close_until(txn, 1_000 + WINDOW_MS + 1)
+        h.proc.end_batch(txn)
+    closed_records = _stored_request_records(store)
+    # The three shapes a record takes: open, orphan, closed.
+    assert "o" in open_records["orphan"]
+    assert "dl" in open_records["open"] and "c" not in open_records["open"]
+    assert "c" in closed_records["open"]
+    seen = {k for recs in (open_records, closed_records) for r in recs.values() for k in r}
+    assert seen <= set(REQUEST_RECORD_FIELDS), sorted(seen - set(REQUEST_RECORD_FIELDS))
+    # And the legend lists nothing that is never written.
+    assert set(REQUEST_RECORD_FIELDS) <= seen, sorted(set(REQUEST_RECORD_FIELDS) - seen)
