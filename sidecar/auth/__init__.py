@@ -3,11 +3,11 @@
 See docs/security.md for the threat model and how to mint and rotate tokens.
 """
 
-from sidecar.auth._authenticator import Authenticator, Denied, check_exposure, is_loopback
+from sidecar.auth._authenticator import Authenticator, Denied, check_exposure
 from sidecar.auth._grpc import METHOD_ROLES, AuthInterceptor
 from sidecar.auth._http import SESSION_COOKIE, HttpAuth
 from sidecar.auth._tls import TlsFiles
-from sidecar.auth._tokens import Role, TokenEntry, TokenTable, hash_token, load_tokens, new_token
+from sidecar.auth._tokens import Role, TokenEntry, TokenTable, hash_token, new_token
 
 __all__ = [
     "METHOD_ROLES",
@@ -22,7 +22,5 @@ __all__ = [
     "TokenTable",
     "check_exposure",
     "hash_token",
-    "is_loopback",
-    "load_tokens",
     "new_token",
 ]

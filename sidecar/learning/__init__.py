@@ -16,9 +16,8 @@ from sidecar.learning._compose import (
     ComposedBatch,
     ComposedRow,
     SelectiveReplayComposer,
-    replay_count,
 )
-from sidecar.learning._curation import HoldoutAtCuration, curation_options, sample_task
+from sidecar.learning._curation import HoldoutAtCuration, curation_options
 from sidecar.learning._history import HistoryRetention
 from sidecar.learning._holdout import HeldOutSample, HoldoutSet, RegressionPrompt, RegressionSuite
 from sidecar.learning._memory import (
@@ -39,7 +38,6 @@ from sidecar.learning._summary import learning_quality_report
 from sidecar.learning._vectors import (
     HashedNgramVectorizer,
     TextVectorizer,
-    check_logprobs,
     uncertainty,
 )
 
@@ -70,12 +68,9 @@ __all__ = [
     "TextVectorizer",
     "ValueFeatures",
     "ValuedSample",
-    "check_logprobs",
     "curation_options",
     "fifo_memory",
     "k_center_select",
     "learning_quality_report",
-    "replay_count",
-    "sample_task",
     "uncertainty",
 ]

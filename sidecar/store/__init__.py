@@ -2,15 +2,12 @@
 
 from sidecar.store._check import CheckReport, check_store
 from sidecar.store._codec import (
-    decode_id_value,
     decode_log_value,
     decode_u64,
-    encode_id_value,
     encode_log_value,
     encode_u64,
-    seq_key,
 )
-from sidecar.store._env import CORRUPTION_ERRORS, DB_NAMES, SCHEMA_VERSION, FatalHandler, Store
+from sidecar.store._env import DB_NAMES, SCHEMA_VERSION, FatalHandler, Store
 from sidecar.store._health import StoreHealth
 from sidecar.store._history import append_history, read_history, trim_history
 from sidecar.store._mapped import MappedPages, PageRelease
@@ -26,7 +23,6 @@ from sidecar.store._retention import CURSOR_PREFIX, Retention, TrimResult, trim
 from sidecar.store._writer import IngestResult, StoreWriter, WriterStats, append_rows
 
 __all__ = [
-    "CORRUPTION_ERRORS",
     "CURSOR_PREFIX",
     "DB_NAMES",
     "MARKER_FILE",
@@ -50,16 +46,13 @@ __all__ = [
     "append_history",
     "append_rows",
     "check_store",
-    "decode_id_value",
     "decode_log_value",
     "decode_u64",
-    "encode_id_value",
     "encode_log_value",
     "encode_u64",
     "read_cursor",
     "read_history",
     "read_meta",
-    "seq_key",
     "trim",
     "trim_history",
 ]

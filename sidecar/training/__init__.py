@@ -16,8 +16,6 @@ from sidecar.training._hooks import (
     TrainerHook,
     TrainingFailed,
     TrainingJob,
-    make_hook,
-    read_candidate_file,
 )
 from sidecar.training._registry import (
     CandidateExistsError,
@@ -50,7 +48,5 @@ __all__ = [
     "TrainingJob",
     "TrainingStage",
     "UpdateOutcome",
-    "make_hook",
-    "read_candidate_file",
     "write_snapshot",
 ]
