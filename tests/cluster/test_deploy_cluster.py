@@ -338,6 +338,7 @@ def test_a_sidecar_that_cannot_start_blocks_the_rollout_and_undo_restores_it(
     assert not ready(new)
     # Its main container never started: kubelet waits for the sidecar's startup probe.
     assert all("running" not in s["state"] for s in new["status"].get("containerStatuses", []))
+
     # The sidecar is crash-looping: a restart can remove the container whose log we
     # asked for, so ask again until the current or the previous one answers.
     def refusal_logged() -> bool:
