@@ -93,8 +93,8 @@ _KIND_INFERENCE = b"i"
 _KIND_ORPHAN = b"o"
 
 #: The layout of a stored request record (``requests`` database, key: the
-#: request id, value: an orjson document). Keys are short because one record
-#: is written per answer and rewritten per feedback; this table is their
+#: request id, value: an orjson document). The keys are short (a record is
+#: written per answer and rewritten per feedback); this table is their
 #: legend, and a unit test fails when a record carries a key missing here.
 #: A record is in one of three shapes: **open** (its Inference arrived; the
 #: reward window is running), **orphan** (``o``: feedback that waits for its
@@ -119,7 +119,7 @@ REQUEST_RECORD_FIELDS: dict[str, str] = {
     "cr": "latest correction text, or '' (open, orphan)",
     "fs": "feedback sources so far, 'user:<id>' and 'session:<id>' (open, orphan)",
     "o": "1: an orphan, feedback whose Inference has not arrived (orphan)",
-    "c": "sample number given at close, 0 when no sample was made (closed)",
+    "c": "sample number given at close; 0: no sample (an error or an empty answer) (closed)",
 }
 
 #: Called on the writer thread, inside the closing transaction, for each new

@@ -443,7 +443,7 @@ def test_every_stored_request_record_key_has_a_legend(store: Store) -> None:
         inf("open", session_id="s1", user_id="u1", token_logprobs=[-0.1, -0.5]),
         fb("open", signal=S.THUMBS_UP, rating=0.8, correction="better", user_id="u2"),
         fb("orphan", signal=S.THUMBS_DOWN, session_id="s2"),
-        inf("closed"),
+        inf("empty", response=""),
     )
     open_records = _stored_request_records(store)
     # Past the window, before the closed records are forgotten.
@@ -454,7 +454,8 @@ def test_every_stored_request_record_key_has_a_legend(store: Store) -> None:
     # The three shapes a record takes: open, orphan, closed.
     assert "o" in open_records["orphan"]
     assert "dl" in open_records["open"] and "c" not in open_records["open"]
-    assert "c" in closed_records["open"]
+    assert closed_records["open"]["c"] >= 1  # a sample was made
+    assert closed_records["empty"]["c"] == 0  # an empty answer makes no sample
     seen = {k for recs in (open_records, closed_records) for r in recs.values() for k in r}
     assert seen <= set(REQUEST_RECORD_FIELDS), sorted(seen - set(REQUEST_RECORD_FIELDS))
     # And the legend lists nothing that is never written.
